@@ -1,0 +1,93 @@
+"""Text in, text out: tokenize prompts, generate, stream decoded text, cut at stop strings."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from moekit.inference.generate import generate
+from moekit.models.model import MoEForCausalLM
+
+StreamCallback = Callable[[int, str], None]
+
+
+class _RowText:
+    """Incremental detokenisation of one row, holding back text that could still become a stop string."""
+
+    def __init__(self, tokenizer: Any, stops: Sequence[str]) -> None:
+        self.tokenizer, self.stops = tokenizer, list(stops)
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+        self.ids: list[int] = []
+        self.text = ""
+        self.emitted = 0
+        self.stopped = False
+
+    def push(self, token_id: int) -> str:
+        """Add a token; return the newly safe text. Sets ``stopped`` when a stop string appears."""
+        self.ids.append(token_id)
+        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        start = max(0, self.emitted - self.hold)
+        hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
+        if hits:
+            self.text, self.stopped = self.text[: min(hits)], True
+            return self.flush()
+        safe = len(self.text) - self.hold
+        if self.text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its next byte
+            safe = min(safe, len(self.text) - 1)
+        if safe <= self.emitted:
+            return ""
+        piece, self.emitted = self.text[self.emitted : safe], safe
+        return piece
+
+    def flush(self) -> str:
+        piece, self.emitted = self.text[self.emitted :], len(self.text)
+        return piece
+
+
+def generate_text(
+    model: MoEForCausalLM,
+    tokenizer: Any,
+    prompts: str | Sequence[str],
+    max_new_tokens: int = 128,
+    *,
+    stop: Sequence[str] | None = None,
+    stream: StreamCallback | None = None,
+    **kwargs: Any,
+) -> list[str]:
+    """Generate a continuation of each prompt with a ``tokenizers.Tokenizer``.
+
+    Args:
+        prompts: one string or a list of strings (a batch).
+        stop: stop strings; a row ends at the first one (which is not included in its text).
+        stream: ``stream(row, text_piece)`` called with new text as soon as it is final.
+        **kwargs: passed to :func:`moekit.inference.generate` (temperature, top_k, top_p, seed,
+            stop_token_ids, compile).
+
+    Returns:
+        The generated text of each prompt (prompt not included).
+    """
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError("prompts must be a string or a non-empty list of strings")
+    stop = [stop] if isinstance(stop, str) else list(stop or [])
+    if any(not isinstance(s, str) or not s for s in stop):
+        raise ValueError(f"stop must be a list of non-empty strings, got {stop!r}")
+    prompt_ids = [tokenizer.encode(p).ids for p in prompts]
+    for b, ids in enumerate(prompt_ids):
+        if not ids:
+            raise ValueError(f"prompt {b} encodes to no tokens")
+    rows = [_RowText(tokenizer, stop) for _ in prompts]
+
+    def on_token(row: int, token_id: int) -> bool:
+        piece = rows[row].push(token_id)
+        if piece and stream is not None:
+            stream(row, piece)
+        return rows[row].stopped
+
+    generate(model, prompt_ids, max_new_tokens, on_token=on_token, **kwargs)
+    for b, r in enumerate(rows):
+        piece = r.flush()
+        if piece and stream is not None:
+            stream(b, piece)
+    return [r.text for r in rows]

@@ -1,0 +1,154 @@
+"""The pieces of a decoder block: RMSNorm, rotary embedding, grouped-query attention, dense SwiGLU FFN.
+
+Shape legend: B batch, S query positions, P cache slots (keys), D hidden size, H query heads,
+KV key/value heads, hd head_dim. Parameter names equal transformers' Mixtral (``q_proj``, ...).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moekit.models.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """``x / sqrt(mean(x^2) + eps) * weight`` over the last dim, computed in float32 at least."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dtype in (torch.float32, torch.float64):
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        # Low precision: normalise in float32, then scale in the input dtype (as HF Mixtral does).
+        h = F.rms_norm(x.float(), self.weight.shape, None, self.eps)
+        return self.weight * h.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.eps}"
+
+
+class RotaryEmbedding:
+    """cos/sin tables of the rotary embedding (rotate-half layout, as HF Llama/Mixtral).
+
+    The tables are plain tensors, not buffers: they stay out of the state_dict and are computed
+    lazily (in float64, then cast) for each (device, dtype) a model runs in, so a model built on
+    the meta device and materialised later still gets correct tables.
+    """
+
+    def __init__(self, head_dim: int, theta: float, max_positions: int) -> None:
+        self.head_dim, self.theta, self.max_positions = head_dim, theta, max_positions
+        self._tables: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
+
+    def tables(self, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """``cos, sin`` of shape ``(max_positions, head_dim // 2)``."""
+        key = (device, dtype)
+        if key not in self._tables:
+            if device.type == "meta":
+                shape = (self.max_positions, self.head_dim // 2)
+                return torch.empty(shape, device=device, dtype=dtype), torch.empty(
+                    shape, device=device, dtype=dtype
+                )
+            exps = torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim
+            inv_freq = 1.0 / (self.theta**exps)
+            angles = torch.outer(torch.arange(self.max_positions, dtype=torch.float64), inv_freq)
+            self._tables[key] = (angles.cos().to(device, dtype), angles.sin().to(device, dtype))
+        return self._tables[key]
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate ``x (B, S, N, hd)`` by ``cos, sin (B or 1, S, 1, hd // 2)`` (rotate-half layout)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def sliding_window_mask(q_pos: Tensor, k_pos: Tensor, window: int | None) -> Tensor:
+    """Boolean ``(..., S, P)``: key ``j`` is visible from query ``i`` iff ``j <= i`` and ``i - j < window``."""
+    diff = q_pos[..., :, None] - k_pos[..., None, :]
+    mask = diff >= 0
+    if window is not None:
+        mask = mask & (diff < window)
+    return mask
+
+
+class Attention(nn.Module):
+    """Grouped-query causal self-attention with RoPE, optional q/k/v bias and OLMoE qk-norm."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        d, hd = config.hidden_size, config.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            hd,
+        )
+        self.sliding_window = config.sliding_window
+        self.q_proj = nn.Linear(d, self.num_heads * hd, bias=config.attention_bias)
+        self.k_proj = nn.Linear(d, self.num_kv_heads * hd, bias=config.attention_bias)
+        self.v_proj = nn.Linear(d, self.num_kv_heads * hd, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.num_heads * hd, d, bias=False)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.num_heads * hd, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.num_kv_heads * hd, config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(
+        self,
+        x_BSD: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor | None,
+        kv: tuple[Tensor, Tensor] | None = None,
+        input_pos: Tensor | None = None,
+    ) -> Tensor:
+        """``x (B, S, D) -> (B, S, D)``.
+
+        Args:
+            cos, sin: rotary tables for the S positions, ``(B or 1, S, 1, hd // 2)``.
+            mask: boolean ``(B or 1, 1, S, P)`` (True = attend) or ``None`` for plain causal.
+            kv: the layer's cache ``(k, v)``, each ``(B, KV, P, hd)``; the new keys/values are
+                written at slots ``input_pos (S,)`` and attention runs over all P slots.
+        """
+        B, S, _ = x_BSD.shape
+        q, k, v = self.q_proj(x_BSD), self.k_proj(x_BSD), self.v_proj(x_BSD)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q.view(B, S, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rope(k.view(B, S, self.num_kv_heads, self.head_dim), cos, sin)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, S, hd), (B, KV, S, hd)
+        v = v.view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if kv is not None:
+            k_cache, v_cache = kv
+            k_cache.index_copy_(2, input_pos, k.to(k_cache.dtype))
+            v_cache.index_copy_(2, input_pos, v.to(v_cache.dtype))
+            k, v = k_cache, v_cache
+        group = self.num_heads // self.num_kv_heads
+        if S == 1 and group > 1:
+            # One query per row: fold the query heads of a group into the "sequence" dim, so SDPA
+            # sees KV heads with `group` queries each and no key/value copies are made.
+            y = F.scaled_dot_product_attention(
+                q.view(B, self.num_kv_heads, group, self.head_dim), k, v, attn_mask=mask
+            )
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None and S > 1, enable_gqa=group > 1
+            )
+        return self.o_proj(y.reshape(B, self.num_heads, S, self.head_dim).transpose(1, 2).reshape(B, S, -1))
+
+
+class DenseMLP(nn.Module):
+    """SwiGLU feed-forward ``down(silu(gate(x)) * up(x))`` of the dense (non-MoE) layers."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
