@@ -1,0 +1,172 @@
+"""Checkpoints: safetensors for the model and the optimizer, JSON for the rest, written atomically.
+
+Layout of one checkpoint, ``RUN/checkpoints/step_XXXXXXX/``:
+    model.safetensors      the model's state_dict (tied weights stored once)
+    optimizer.safetensors  every tensor of the optimizer state, keyed ``state.{param}.{name}``
+    optimizer.json         the rest of the optimizer state_dict (param_groups, non-tensor values)
+    state.json             step, RNG states, data position, anything the loop adds
+A checkpoint is written into a hidden temporary directory next to its final place and moved there
+with one ``os.replace``: a reader sees either the whole checkpoint or none of it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+CHECKPOINT_DIR = "checkpoints"
+_PREFIX = "step_"
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as JSON to ``path`` through a temporary file and ``os.replace``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with tmp.open("w", encoding="utf-8") as handle:
+        json.dump(obj, handle, indent=1)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """JSON-serialisable RNG states of Python's ``random``, torch CPU and (if present) CUDA."""
+    version, internal, gauss = random.getstate()
+    state: dict[str, Any] = {
+        "python": [version, list(internal), gauss],
+        "torch": torch.get_rng_state().tolist(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_state`."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def flatten_optimizer_state(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split an optimizer ``state_dict`` into safetensors-ready tensors and a JSON index."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for param_id, per_param in state_dict["state"].items():
+        for name, value in per_param.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{param_id}.{name}"] = value.detach().contiguous()
+            else:
+                scalars.setdefault(str(param_id), {})[name] = value
+    index = {"param_groups": state_dict["param_groups"], "scalars": scalars}
+    return tensors, index
+
+
+def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], index: dict[str, Any]) -> dict[str, Any]:
+    """Inverse of :func:`flatten_optimizer_state`."""
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        _, param_id, name = key.split(".", 2)
+        state.setdefault(int(param_id), {})[name] = value
+    for param_id, values in index["scalars"].items():
+        state.setdefault(int(param_id), {}).update(values)
+    groups = []
+    for group in index["param_groups"]:
+        group = dict(group)
+        if isinstance(group.get("betas"), list):
+            group["betas"] = tuple(group["betas"])
+        groups.append(group)
+    return {"state": state, "param_groups": groups}
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{_PREFIX}{step:07d}"
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete checkpoints of a run as ``(step, path)``, oldest first."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        name = path.name
+        numbered = path.is_dir() and name.startswith(_PREFIX) and name[len(_PREFIX):].isdigit()
+        if numbered and (path / "state.json").is_file() and (path / "model.safetensors").is_file():
+            found.append((int(name[len(_PREFIX):]), path))
+    return sorted(found)
+
+
+def save_checkpoint(
+    run_dir: str | os.PathLike,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    state: dict[str, Any],
+    keep_last: int | None = None,
+) -> Path:
+    """Write checkpoint ``step`` atomically and delete all but the newest ``keep_last`` ones.
+
+    ``state`` (JSON-serialisable) is stored in ``state.json`` together with ``step``.
+    Returns the checkpoint directory.
+    """
+    if keep_last is not None and keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1 or None, got {keep_last!r}")
+    root = Path(run_dir) / CHECKPOINT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / checkpoint_name(step)
+    tmp = root / f".tmp-{checkpoint_name(step)}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_model(model, str(tmp / "model.safetensors"))
+    if optimizer is not None:
+        tensors, index = flatten_optimizer_state(optimizer.state_dict())
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        write_json_atomic(tmp / "optimizer.json", index)
+    write_json_atomic(tmp / "state.json", {**state, "step": step})
+    if final.exists():  # re-saving a step (e.g. an interrupt right after a periodic save)
+        old = root / f".old-{checkpoint_name(step)}-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    if keep_last is not None:
+        for _, path in list_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(path)
+    return final
+
+
+def load_checkpoint(
+    checkpoint_dir: str | os.PathLike,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    device: str | torch.device = "cpu",
+) -> dict[str, Any]:
+    """Load a checkpoint's weights into ``model`` (and ``optimizer``); returns its ``state.json``."""
+    path = Path(checkpoint_dir)
+    if not (path / "state.json").is_file() or not (path / "model.safetensors").is_file():
+        raise ValueError(f"{path} is not a moekit checkpoint (no state.json / model.safetensors)")
+    missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False, device=str(device))
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint {path} does not fit this model: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
+        )
+    if optimizer is not None:
+        if not (path / "optimizer.safetensors").is_file():
+            raise ValueError(f"checkpoint {path} has no optimizer state; cannot resume training from it")
+        tensors = load_file(str(path / "optimizer.safetensors"), device=str(device))
+        index = json.loads((path / "optimizer.json").read_text(encoding="utf-8"))
+        optimizer.load_state_dict(unflatten_optimizer_state(tensors, index))
+    return json.loads((path / "state.json").read_text(encoding="utf-8"))

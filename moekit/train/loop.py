@@ -1,0 +1,298 @@
+"""The training loop: AdamW + warmup/cosine, clipping, accumulation, MoE aux losses, checkpoints.
+
+One optimizer step: ``grad_accum`` micro-batches of ``(B, S)`` token windows; objective per
+micro-batch ``(loss + aux_loss) / grad_accum`` where ``aux_loss`` is the model's weighted sum of the
+MoE layers' load-balancing and z-losses (coefficients from the MoE config); clip; AdamW step.
+
+Determinism: the model init, the data order (a pure function of seed and position) and every RNG
+state are saved in each checkpoint, and validation runs under ``torch.random.fork_rng``, so on CPU a
+run resumed from step N computes exactly the numbers the uninterrupted run computed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from moekit.train.checkpoint import capture_rng_state, list_checkpoints, load_checkpoint, restore_rng_state
+from moekit.train.checkpoint import save_checkpoint as _save
+from moekit.train.config import TrainConfig, resume_train_config
+from moekit.train.data import TokenStream, validation_batches
+from moekit.train.prepare import load_tokens, prepare_run
+from moekit.train.run import METRICS_FILE, TOKENIZER_FILE, read_run_info, write_run_info
+from moekit.train.tokenizer import load_tokenizer
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns: where the run is and how it ended."""
+
+    run_dir: Path
+    step: int
+    loss: float | None
+    val_loss: float | None
+    interrupted: bool
+    checkpoint: Path | None
+
+
+class _GracefulStop:
+    """First SIGINT / SIGTERM: finish the current step, save, stop. Second SIGINT: abort at once."""
+
+    def __init__(self, log: Callable[[str], None]):
+        self.requested = False
+        self._log = log
+        self._old: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        name = signal.Signals(signum).name
+        self._log(f"\n{name}: saving a checkpoint after this step (Ctrl-C again aborts)")
+
+    def __enter__(self) -> _GracefulStop:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    return torch.device(name)
+
+
+def _autocast(device: torch.device):
+    # bf16 autocast on CUDA; fp32 on CPU (bf16 matmuls are slow on most CPUs).
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    decay, no_decay = [], []
+    for param in model.parameters():  # unique parameters (tied weights once)
+        if param.requires_grad:
+            (decay if param.dim() >= 2 else no_decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: list[torch.Tensor], device: torch.device) -> float:
+    """Mean next-token cross-entropy over ``batches`` (each ``(b, S)``); leaves every RNG untouched."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), _autocast(device):
+        for batch in batches:
+            batch = batch.to(device)
+            out = model(batch, labels=batch)
+            n = batch.shape[0] * (batch.shape[1] - 1)
+            total += float(out.loss) * n
+            count += n
+    model.train(was_training)
+    return total / count
+
+
+def _load_stats(routing: list[Any] | None) -> list[torch.Tensor]:
+    if not routing:
+        return []
+    return [info.tokens_per_expert.detach().to("cpu", torch.float64) for info in routing]
+
+
+def _append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
+    with (run_dir / METRICS_FILE).open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def _truncate_metrics(run_dir: Path, step: int) -> None:
+    """Drop metrics logged after ``step`` (they belong to steps the resume will recompute)."""
+    file = run_dir / METRICS_FILE
+    if not file.is_file():
+        return
+    lines = file.read_text(encoding="utf-8").splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    tmp = file.with_name(f".{file.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    os.replace(tmp, file)
+
+
+def _check_same_model(saved: Any, requested: Any) -> None:
+    ids = {k: getattr(saved, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    requested = requested.replace(**ids)
+    if requested != saved:
+        a, b = saved.to_dict(), requested.to_dict()
+        diff = [f"{k}: run has {a[k]!r}, asked for {b[k]!r}" for k in a if a[k] != b[k]]
+        raise ValueError(
+            "cannot resume: the checkpoint was trained with another model configuration ("
+            + "; ".join(diff) + "); drop the model options or start a new run with another --out"
+        )
+
+
+def train(
+    out: str | os.PathLike,
+    *,
+    model_config: Any = None,
+    train_config: TrainConfig | None = None,
+    train_changes: dict[str, Any] | None = None,
+    data: str | os.PathLike | None = None,
+    resume: bool = False,
+    show_progress: bool = True,
+    log: Callable[[str], None] = print,
+    on_step: Callable[[int, dict[str, Any]], None] | None = None,
+) -> TrainResult:
+    """Train a :class:`moekit.models.MoEForCausalLM` into the run directory ``out``.
+
+    Args:
+        out: run directory; must be absent or empty for a new run, a moekit run for ``resume``.
+        model_config: :class:`moekit.models.ModelConfig` (default: preset ``tiny``). On resume it
+            is optional and must equal the run's.
+        train_config: a full :class:`TrainConfig` for a new run (default ``TrainConfig()``).
+        train_changes: fields to change from ``train_config`` (new run) or from the run's saved
+            config (resume; identity fields such as ``lr`` or ``batch_size`` may not change there).
+        data: ``None`` = the embedded stdlib corpus; else see :func:`moekit.train.corpus.load_corpus`.
+        resume: continue the newest checkpoint of ``out``.
+        show_progress: tqdm progress bar.
+        log: where one-line messages go.
+        on_step: called as ``on_step(step, metrics)`` after every optimizer step.
+
+    A SIGINT (Ctrl-C) or SIGTERM finishes the current step, saves a checkpoint and returns with
+    ``interrupted=True``.
+    """
+    from moekit.models import ModelConfig, MoEForCausalLM, get_preset
+
+    out = Path(out)
+    if resume:
+        info = read_run_info(out)
+        saved_model = ModelConfig.from_dict(info["model_config"])
+        if model_config is not None:
+            _check_same_model(saved_model, model_config)
+        model_config = saved_model
+        if data is not None and str(data) != info["data"]["source"]:
+            raise ValueError(
+                f"cannot resume: the run was trained on {info['data']['source']}, not on --data {data}"
+            )
+        cfg = resume_train_config(TrainConfig.from_dict(info["train_config"]), dict(train_changes or {}))
+        checkpoints = list_checkpoints(out)
+        if not checkpoints:
+            raise ValueError(f"cannot resume {out}: it has no checkpoint yet; start a new run instead")
+        tokens = load_tokens(out)
+        load_tokenizer(out / TOKENIZER_FILE)  # fail early on a damaged run
+        write_run_info(out, {**{k: v for k, v in info.items() if k not in ("format", "version")},
+                             "train_config": cfg.to_dict()})
+    else:
+        cfg = (train_config or TrainConfig()).replace(**(train_changes or {}))
+        model_config = model_config if model_config is not None else get_preset("tiny")
+        model_config, _, tokens = prepare_run(out, model_config, cfg, data, log=log)
+
+    device = _device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    model = MoEForCausalLM(model_config).to(device)
+    model.train()
+    optimizer = _optimizer(model, cfg)
+    stream = TokenStream(tokens["train"], cfg.seq_len, cfg.batch_size, seed=cfg.seed)
+    val_batches = validation_batches(tokens["validation"], cfg.seq_len, cfg.batch_size, cfg.eval_batches)
+    step, val_loss, loss_value = 0, None, None
+    if resume:
+        state = load_checkpoint(checkpoints[-1][1], model, optimizer, device=device)
+        step = int(state["step"])
+        stream.load_state_dict(state["data"])
+        restore_rng_state(state["rng"])
+        val_loss = state.get("val_loss")
+        loss_value = state.get("loss")
+        _truncate_metrics(out, step)
+        log(f"resuming {out} from step {step}")
+    fwd = torch.compile(model) if cfg.compile else model
+
+    def save(at: int) -> Path:
+        state = {"data": stream.state_dict(), "rng": capture_rng_state(), "loss": loss_value,
+                 "val_loss": val_loss, "tokens_seen": stream.position * cfg.seq_len}
+        return _save(out, at, model, optimizer, state, keep_last=cfg.keep_last)
+
+    log(f"training {model.num_parameters():,} parameters ({model.num_parameters(active=True):,} active) "
+        f"on {device} for {cfg.max_steps} steps of {cfg.tokens_per_step:,} tokens -> {out}")
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not show_progress, unit="step", dynamic_ncols=True)
+    interrupted, last_saved = False, None
+    with _GracefulStop(log) as stop:
+        while step < cfg.max_steps and not stop.requested:
+            lr = cfg.lr_at(step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            t0 = time.perf_counter()
+            loss_sum = aux_sum = 0.0
+            loads: list[torch.Tensor] = []
+            for _ in range(cfg.grad_accum):
+                batch = stream.next_batch().to(device)
+                with _autocast(device):
+                    output = fwd(batch, labels=batch, output_routing=True)
+                ((output.loss + output.aux_loss) / cfg.grad_accum).backward()
+                loss_sum += float(output.loss.detach())
+                aux_sum += float(torch.as_tensor(output.aux_loss).detach())
+                stats = _load_stats(output.routing)
+                loads = stats if not loads else [a + b for a, b in zip(loads, stats)]
+            clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            elapsed = time.perf_counter() - t0
+            loss_value = loss_sum / cfg.grad_accum
+            cvs = [float(t.std(unbiased=False) / t.mean()) if t.sum() > 0 else 0.0 for t in loads]
+            metrics = {
+                "step": step, "split": "train", "loss": loss_value, "aux_loss": aux_sum / cfg.grad_accum,
+                "lr": lr, "grad_norm": grad_norm, "tokens_per_s": cfg.tokens_per_step / elapsed,
+                "load_cv": sum(cvs) / len(cvs) if cvs else 0.0, "epoch": stream.epoch,
+                "tokens_seen": stream.position * cfg.seq_len,
+            }
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                record = dict(metrics, load_cv_per_layer=cvs,
+                              expert_load=[(t / t.sum().clamp_min(1)).tolist() for t in loads])
+                _append_metrics(out, record)
+            if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps:
+                val_loss = evaluate(model, val_batches, device)
+                _append_metrics(out, {"step": step, "split": "validation", "val_loss": val_loss})
+                metrics["val_loss"] = val_loss
+            if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
+                last_saved = (step, save(step))
+            bar.update(1)
+            postfix = {"loss": f"{loss_value:.3f}", "aux": f"{metrics['aux_loss']:.4f}",
+                       "tok/s": f"{metrics['tokens_per_s']:,.0f}", "cv": f"{metrics['load_cv']:.2f}"}
+            if val_loss is not None:
+                postfix["val"] = f"{val_loss:.3f}"
+            bar.set_postfix(postfix, refresh=False)
+            if on_step is not None:
+                on_step(step, metrics)
+        if stop.requested and step < cfg.max_steps:
+            interrupted = True
+            if last_saved is None or last_saved[0] != step:
+                last_saved = (step, save(step))
+            log(f"interrupted at step {step}; resume with: moekit train --out {out} --resume")
+    bar.close()
+    if last_saved is None:
+        existing = list_checkpoints(out)
+        last_saved = existing[-1] if existing else None
+    checkpoint = last_saved[1] if last_saved else None
+    return TrainResult(out, step, loss_value, val_loss, interrupted, checkpoint)
