@@ -1,0 +1,194 @@
+"""``moekit <command>``: argparse -> library calls, no logic of its own.
+
+Each subcommand has an ``_add_<name>(subparsers)`` that declares its flags and a ``_cmd_<name>(args)``
+that calls the library. Bad input surfaces as ``moekit: error: <message>`` and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import fields
+from typing import Any
+
+# (flag, TrainConfig field, type, help). Defaults come from TrainConfig and are shown in --help.
+_TRAIN_KNOBS: list[tuple[str, str, Any, str]] = [
+    ("--max-steps", "max_steps", int, "optimizer steps in total (the cosine schedule ends here)"),
+    ("--batch-size", "batch_size", int, "sequences per micro-batch"),
+    ("--seq-len", "seq_len", int, "tokens per sequence (<= the model's context)"),
+    ("--grad-accum", "grad_accum", int, "micro-batches per optimizer step"),
+    ("--lr", "lr", float, "peak learning rate (AdamW)"),
+    ("--min-lr-ratio", "min_lr_ratio", float, "final learning rate as a fraction of --lr (cosine)"),
+    ("--warmup-steps", "warmup_steps", int, "linear warmup steps"),
+    ("--weight-decay", "weight_decay", float, "AdamW weight decay on matrices"),
+    ("--beta1", "beta1", float, "AdamW beta1"),
+    ("--beta2", "beta2", float, "AdamW beta2"),
+    ("--grad-clip", "grad_clip", float, "clip the global gradient norm (0 = off)"),
+    ("--eval-every", "eval_every", int, "validation loss every N steps (0 = at the end only)"),
+    ("--eval-batches", "eval_batches", int, "validation batches"),
+    ("--save-every", "save_every", int, "checkpoint every N steps (0 = at the end only)"),
+    ("--keep-last", "keep_last", int, "checkpoints kept on disk"),
+    ("--log-every", "log_every", int, "metrics.jsonl line every N steps"),
+    ("--seed", "seed", int, "seed of init, data order and every random draw"),
+    ("--device", "device", str, "auto | cpu | cuda | cuda:N (bf16 autocast on CUDA, fp32 on CPU)"),
+    ("--val-fraction", "val_fraction", float, "share of documents held out for validation"),
+    ("--max-train-chars", "max_train_chars", int, "characters of training text used"),
+    ("--max-val-chars", "max_val_chars", int, "characters of validation text used"),
+    ("--tokenizer-chars", "tokenizer_chars", int, "training characters the BPE tokenizer learns from"),
+]
+
+
+def _parse_set(items: list[str]) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects KEY=VALUE (a ModelConfig field), got {item!r}")
+        try:
+            overrides[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            overrides[key] = raw
+    return overrides
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    from moekit.train.config import TrainConfig
+
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    p = sub.add_parser("train", help="train an MoE language model (default: tiny preset, stdlib corpus)")
+    p.add_argument("--preset", default=None, help="model preset (tiny, small, ...); default tiny")
+    p.add_argument("--data", default=None,
+                   help="directory of text files, a .txt file or a .jsonl file with a \"text\" field; "
+                        "default: the Python standard library source of this interpreter")
+    p.add_argument("--out", default=None, help="run directory; default runs/<preset>-<YYYYmmdd-HHMMSS>")
+    p.add_argument("--resume", action="store_true", help="continue the newest checkpoint of --out")
+    p.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary size (default: the preset's)")
+    p.add_argument("--aux-loss-coef", type=float, default=None,
+                   help="load-balancing loss coefficient (default: the preset's router_aux_loss_coef)")
+    p.add_argument("--z-loss-coef", type=float, default=None,
+                   help="router z-loss coefficient (default: the preset's router_z_loss_coef)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any ModelConfig field, e.g. --set num_hidden_layers=2 (repeatable)")
+    for flag, name, typ, text in _TRAIN_KNOBS:
+        p.add_argument(flag, dest=name, type=typ, default=None, help=f"{text} (default {defaults[name]})")
+    p.add_argument("--compile", dest="compile", action="store_const", const=True, default=None,
+                   help="torch.compile the model for training")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from moekit.models import get_preset
+    from moekit.train import train
+
+    changes = {name: getattr(args, name) for _, name, _, _ in _TRAIN_KNOBS if getattr(args, name) is not None}
+    if args.compile is not None:
+        changes["compile"] = True
+    overrides = _parse_set(args.set)
+    for name, value in (("vocab_size", args.vocab_size), ("router_aux_loss_coef", args.aux_loss_coef),
+                        ("router_z_loss_coef", args.z_loss_coef)):
+        if value is not None:
+            overrides[name] = value
+    model_config = None
+    if args.preset is not None or overrides or not args.resume:
+        model_config = get_preset(args.preset or "tiny", **overrides)
+    if args.resume and args.out is None:
+        raise ValueError("--resume needs --out RUN_DIR (the run to continue)")
+    out = args.out or f"runs/{args.preset or 'tiny'}-{time.strftime('%Y%m%d-%H%M%S')}"
+    result = train(out, model_config=model_config, train_changes=changes, data=args.data,
+                   resume=args.resume, show_progress=not args.no_progress)
+    val = f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else ""
+    loss = f", train loss {result.loss:.4f}" if result.loss is not None else ""
+    print(f"run saved to {result.run_dir} (step {result.step}{loss}{val}; checkpoint {result.checkpoint})")
+    if result.interrupted:
+        return 130
+    print(f"generate with: moekit generate {result.run_dir} --prompt 'def '")
+    return 0
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate text from a trained run",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("run_dir", help="a run directory written by `moekit train`")
+    p.add_argument("--prompt", action="append", required=True,
+                   help="prompt text; repeat for a batch of prompts")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per prompt at most")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy")
+    p.add_argument("--top-k", type=int, default=50, help="keep the k most likely tokens (0 = all)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (1 = all)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (row b uses seed + b)")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--no-stream", action="store_true", help="print results at the end, no streaming")
+    p.set_defaults(func=_cmd_generate)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from moekit.inference import generate_text
+    from moekit.train import load_run
+
+    model, tokenizer, info = load_run(args.run_dir, step=args.step, device=args.device)
+    stream_one = len(args.prompt) == 1 and not args.no_stream
+    if stream_one:
+        sys.stdout.write(args.prompt[0])
+        sys.stdout.flush()
+
+    def stream(row: int, piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    texts = generate_text(
+        model, tokenizer, args.prompt, args.max_new_tokens, stop=args.stop,
+        stream=stream if stream_one else None, temperature=args.temperature,
+        top_k=args.top_k or None, top_p=args.top_p if args.top_p < 1 else None, seed=args.seed,
+        stop_token_ids=[info["model_config"]["eos_token_id"]],
+    )
+    if stream_one:
+        print()
+    else:
+        for i, (prompt, text) in enumerate(zip(args.prompt, texts)):
+            print(f"--- [{i}] ---\n{prompt}{text}")
+    return 0
+
+
+def _add_info(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="parameters, memory and FLOPs of a model preset")
+    p.add_argument("--preset", required=True, help="preset name (tiny, small, mixtral-8x7b, ...)")
+    p.set_defaults(func=_cmd_info)
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from moekit.models import get_preset
+    from moekit.models.info import describe
+
+    print(describe(get_preset(args.preset)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moekit", description="Mixture-of-Experts toolkit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_train(sub)
+    _add_generate(sub)
+    _add_info(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError) as err:
+        print(f"moekit: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("moekit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
