@@ -30,6 +30,8 @@ class RouterOutput:
             ``importance`` and ``load``), keyed by name.
         priority_TK: optional float32; with a capacity, slots with a larger priority take an
             expert's capacity first (``None`` = choice order first, then token order).
+        may_skip: True when ``ids_TK`` may hold ``-1`` (unused) slots; False lets the dropless
+            dispatch skip building a keep mask (and a host sync).
     """
 
     weights_TK: Tensor
@@ -38,6 +40,7 @@ class RouterOutput:
     probs_TE: Tensor
     losses: dict[str, Tensor] = field(default_factory=dict)
     priority_TK: Tensor | None = None
+    may_skip: bool = False
 
 
 @dataclass

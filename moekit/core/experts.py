@@ -1,0 +1,87 @@
+"""Routed experts as stacked 3-D weights, and the dense shared expert.
+
+Layouts match transformers (>= 5) ``MixtralExperts`` so state_dicts load 1:1:
+    gated (swiglu, geglu):  ``gate_up_proj (E, 2F, D)``  rows ``[:F]`` = gate, ``[F:]`` = up
+                            ``down_proj (E, D, F)``      ``y = down(act(gate(x)) * up(x))``
+    plain (gelu, relu, ..): ``up_proj (E, F, D)``, ``down_proj (E, D, F)``  ``y = down(act(up(x)))``
+All expert matmuls go through the one seam :func:`moekit.kernels.grouped_mm`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moekit.core.config import MoEConfig
+from moekit.kernels import grouped_mm
+
+ACT_FNS: dict[str, Callable[[Tensor], Tensor]] = {
+    "swiglu": F.silu,
+    "geglu": F.gelu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+}
+
+
+class Experts(nn.Module):
+    """``E`` feed-forward experts applied to an expert-sorted buffer ``x_SD`` with ``counts_E``."""
+
+    def __init__(self, config: MoEConfig) -> None:
+        super().__init__()
+        num_experts, hidden, inter = config.num_experts, config.hidden_size, config.intermediate_size
+        self.num_experts = num_experts
+        self.intermediate_size = inter
+        self.gated = config.gated
+        self.activation = config.activation
+        self.act_fn = ACT_FNS[config.activation]
+        self.backend = config.backend
+        if self.gated:
+            self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * inter, hidden))
+        else:
+            self.up_proj = nn.Parameter(torch.empty(num_experts, inter, hidden))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, inter))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """``nn.Linear``'s default bound ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` for every expert."""
+        for weight in (self.in_proj, self.down_proj):
+            bound = 1.0 / math.sqrt(weight.shape[-1])
+            nn.init.uniform_(weight, -bound, bound)
+
+    @property
+    def in_proj(self) -> nn.Parameter:
+        """The first projection: ``gate_up_proj`` (gated) or ``up_proj`` (plain)."""
+        return self.gate_up_proj if self.gated else self.up_proj
+
+    def forward(self, x_SD: Tensor, counts_E: Tensor) -> Tensor:
+        """``(S, D)`` sorted rows, ``(E,)`` counts -> ``(S, D)`` expert outputs (same order)."""
+        h_SH = grouped_mm(x_SD, self.in_proj, counts_E, self.backend)
+        if self.gated:
+            h_SF = self.act_fn(h_SH[:, : self.intermediate_size]) * h_SH[:, self.intermediate_size :]
+        else:
+            h_SF = self.act_fn(h_SH)
+        return grouped_mm(h_SF, self.down_proj, counts_E, self.backend)
+
+    def extra_repr(self) -> str:
+        d = self.down_proj.shape
+        return f"num_experts={d[0]}, hidden={d[1]}, intermediate={d[2]}, activation={self.activation}"
+
+
+class SharedExpert(nn.Module):
+    """Dense SwiGLU FFN for every token, named like transformers' ``Qwen2MoeMLP``
+    (``gate_proj``, ``up_proj``, ``down_proj``; no biases)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x_TD: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x_TD)) * self.up_proj(x_TD))

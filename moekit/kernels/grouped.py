@@ -1,0 +1,65 @@
+"""The ``grouped`` backend: one grouped GEMM where torch has it, cheap fallbacks elsewhere.
+
+Strategy, picked per call without a host sync on the ``grouped_mm`` path:
+- a few rows (``S <= GATHER_MAX_ROWS`` on CUDA): gather each row's expert weight and ``bmm``; no sort
+  or offsets needed and it stays CUDA-graph friendly (decode steps run ``T = batch`` tokens);
+- ``torch.nn.functional.grouped_mm`` when it exists and accepts the dtype (fp32/bf16/fp16) and the
+  16-byte stride/alignment rule;
+- otherwise a loop over the non-empty contiguous groups (float64 lands here).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+GATHER_MAX_ROWS = 4
+_GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _aligned(t: Tensor) -> bool:
+    """grouped_mm wants 16-byte aligned data and 16-byte multiples for every non-unit stride."""
+    size = t.element_size()
+    if t.data_ptr() % 16:
+        return False
+    return all(stride == 1 or (stride * size) % 16 == 0 for stride in t.stride())
+
+
+def grouped_mm_supported(x_SI: Tensor, w_EOI: Tensor) -> bool:
+    """True when ``torch.nn.functional.grouped_mm`` can run these operands here."""
+    if not hasattr(F, "grouped_mm") or x_SI.dtype not in _GROUPED_MM_DTYPES or w_EOI.dtype != x_SI.dtype:
+        return False
+    if x_SI.device.type == "cuda" and torch.cuda.get_device_capability(x_SI.device) < (8, 0):
+        return False
+    return _aligned(x_SI) and _aligned(w_EOI)
+
+
+def grouped_mm_loop(x_SI: Tensor, w_EOI: Tensor, counts_E: Tensor) -> Tensor:
+    """Loop over the non-empty groups only (one host read of the counts)."""
+    pieces = [x_SI.new_empty(0, w_EOI.shape[1])]
+    start = 0
+    for expert, count in enumerate(counts_E.tolist()):
+        if count:
+            pieces.append(x_SI[start : start + count] @ w_EOI[expert].T)
+            start += count
+    return pieces[1] if len(pieces) == 2 else torch.cat(pieces, dim=0)
+
+
+def grouped_mm_gathered(x_SI: Tensor, w_EOI: Tensor, counts_E: Tensor) -> Tensor:
+    """Gather one weight matrix per row and batch-multiply; for a handful of rows."""
+    num_rows = x_SI.shape[0]
+    experts_S = torch.repeat_interleave(
+        torch.arange(w_EOI.shape[0], device=x_SI.device), counts_E, output_size=num_rows
+    )
+    return torch.bmm(w_EOI[experts_S], x_SI.unsqueeze(-1)).squeeze(-1)
+
+
+def grouped_mm_grouped(x_SI: Tensor, w_EOI: Tensor, counts_E: Tensor) -> Tensor:
+    """``y_SO[s] = x_SI[s] @ w_EOI[expert(s)].T`` with rows grouped by expert in order."""
+    if x_SI.device.type == "cuda" and x_SI.shape[0] <= GATHER_MAX_ROWS:
+        return grouped_mm_gathered(x_SI, w_EOI, counts_E)
+    if grouped_mm_supported(x_SI, w_EOI):
+        offsets_E = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
+        return F.grouped_mm(x_SI, w_EOI.transpose(-2, -1), offs=offsets_E)
+    return grouped_mm_loop(x_SI, w_EOI, counts_E)
