@@ -157,7 +157,11 @@ def load_checkpoint(
     path = Path(checkpoint_dir)
     if not (path / "state.json").is_file() or not (path / "model.safetensors").is_file():
         raise ValueError(f"{path} is not a moekit checkpoint (no state.json / model.safetensors)")
-    missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False, device=str(device))
+    try:
+        file = str(path / "model.safetensors")
+        missing, unexpected = load_model(model, file, strict=False, device=str(device))
+    except RuntimeError as err:  # shape mismatch
+        raise ValueError(f"checkpoint {path} does not fit this model: {str(err).splitlines()[0]}") from None
     if missing or unexpected:
         raise ValueError(
             f"checkpoint {path} does not fit this model: missing {sorted(missing)[:5]}, "

@@ -1,0 +1,84 @@
+import random
+
+import pytest
+import torch
+
+from moekit.train import checkpoint as ck
+
+
+def _model_and_opt(seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Embedding(11, 6), torch.nn.Linear(6, 6), torch.nn.Linear(6, 11))
+    model[2].weight = model[0].weight  # tied, stored once
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.8, 0.9))
+    for _ in range(2):
+        model(torch.tensor([1, 2, 3])).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    return model, opt
+
+
+def test_save_load_round_trip_is_exact(tmp_path):
+    model, opt = _model_and_opt(0)
+    path = ck.save_checkpoint(tmp_path, 5, model, opt, {"data": {"position": 3}})
+    other, other_opt = _model_and_opt(1)
+    state = ck.load_checkpoint(path, other, other_opt)
+    assert state == {"data": {"position": 3}, "step": 5}
+    for a, b in zip(model.state_dict().values(), other.state_dict().values()):
+        assert torch.equal(a, b)
+    assert other[2].weight is other[0].weight
+    sa, sb = opt.state_dict(), other_opt.state_dict()
+    assert sa["param_groups"] == sb["param_groups"]
+    for pid, values in sa["state"].items():
+        for name, value in values.items():
+            assert torch.equal(value, sb["state"][pid][name]), name
+
+
+def test_keep_last_and_no_temporary_left(tmp_path):
+    model, opt = _model_and_opt()
+    for step in (1, 2, 3, 4):
+        ck.save_checkpoint(tmp_path, step, model, opt, {}, keep_last=2)
+    assert [s for s, _ in ck.list_checkpoints(tmp_path)] == [3, 4]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_0000003", "step_0000004"]
+    ck.save_checkpoint(tmp_path, 4, model, opt, {"again": True}, keep_last=2)  # re-save the same step
+    assert [s for s, _ in ck.list_checkpoints(tmp_path)] == [3, 4]
+    with pytest.raises(ValueError, match="keep_last"):
+        ck.save_checkpoint(tmp_path, 5, model, opt, {}, keep_last=0)
+
+
+def test_a_failed_write_leaves_earlier_checkpoints_untouched(tmp_path, monkeypatch):
+    model, opt = _model_and_opt()
+    ck.save_checkpoint(tmp_path, 1, model, opt, {"ok": 1}, keep_last=1)
+    before = (tmp_path / "checkpoints" / "step_0000001" / "model.safetensors").read_bytes()
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ck, "save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        ck.save_checkpoint(tmp_path, 2, model, opt, {}, keep_last=1)
+    # the half-written step 2 is invisible; step 1 is still complete and was not pruned
+    assert [s for s, _ in ck.list_checkpoints(tmp_path)] == [1]
+    assert (tmp_path / "checkpoints" / "step_0000001" / "model.safetensors").read_bytes() == before
+    assert not (tmp_path / "checkpoints" / "step_0000002").exists()
+
+
+def test_rng_round_trip():
+    state = ck.capture_rng_state()
+    a = (random.random(), torch.rand(3))
+    ck.restore_rng_state(state)
+    b = (random.random(), torch.rand(3))
+    assert a[0] == b[0] and torch.equal(a[1], b[1])
+
+
+def test_load_errors(tmp_path):
+    model, opt = _model_and_opt()
+    with pytest.raises(ValueError, match="not a moekit checkpoint"):
+        ck.load_checkpoint(tmp_path, model)
+    path = ck.save_checkpoint(tmp_path, 1, model, None, {})
+    with pytest.raises(ValueError, match="no optimizer state"):
+        ck.load_checkpoint(path, model, opt)
+    bigger = torch.nn.Sequential(torch.nn.Embedding(11, 6), torch.nn.Linear(6, 6), torch.nn.Linear(6, 6),
+                                 torch.nn.Linear(6, 11))
+    with pytest.raises(ValueError, match="does not fit"):
+        ck.load_checkpoint(path, bigger)
