@@ -168,12 +168,41 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_analyze(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("analyze", help="routing analysis of a run or checkpoint: metrics, plots, report.html",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("source", metavar="RUN_OR_MODEL",
+                   help="a run directory written by `moekit train`, or a Hugging Face checkpoint directory")
+    p.add_argument("--data", default=None,
+                   help="text to analyse: a file, a directory or a .jsonl "
+                        "(default: the run's validation split)")
+    p.add_argument("--out", default=None, help="report directory (default: RUN_OR_MODEL/analysis)")
+    p.add_argument("--max-tokens", type=int, default=16384, help="tokens of text run through the model")
+    p.add_argument("--layers", nargs="+", default=None, metavar="LAYER",
+                   help="decoder layer indices (or module names) shown in detail "
+                        "(default: first, middle, last)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per window (default: the run's seq_len)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.set_defaults(func=_cmd_analyze)
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from moekit.analysis.analyze import layer_arg, run_analysis
+
+    run_analysis(args.source, data=args.data, out_dir=args.out, max_tokens=args.max_tokens,
+                 layers=layer_arg(args.layers), seq_len=args.seq_len, batch_size=args.batch_size,
+                 device=args.device)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moekit", description="Mixture-of-Experts toolkit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train(sub)
     _add_generate(sub)
     _add_info(sub)
+    _add_analyze(sub)
     return parser
 
 

@@ -1,0 +1,127 @@
+"""Text -> token windows for routing analysis, with per-token Python categories and a text sample.
+
+Shape legend: ``N`` windows, ``S`` tokens per window. Documents are tokenised with the model's
+``tokenizers.Tokenizer`` (character offsets included), concatenated with an end-of-text token in
+between (as in training) and cut into ``(N, S)`` windows, row-major = stream order.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from moekit.analysis.specialization import python_char_categories, token_categories
+
+
+@dataclass
+class TokenWindows:
+    """Tokenised analysis data.
+
+    Attributes:
+        ids_NS: ``(N, S)`` int64 token ids.
+        categories_NS: ``(N, S)`` int64 category ids (``specialization.CATEGORIES``), -1 = unknown
+            (not Python code, a document separator, ...).
+        sample_pieces: the text of the first tokens of the stream, one string per token, that
+            concatenate back to the source text ("" for a separator token).
+        python_documents / documents: how many documents parsed as Python, out of how many used.
+    """
+
+    ids_NS: np.ndarray
+    categories_NS: np.ndarray
+    sample_pieces: list[str] = field(default_factory=list)
+    python_documents: int = 0
+    documents: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.ids_NS.size)
+
+
+def is_python(text: str) -> bool:
+    """True if ``text`` parses as a Python module (category statistics are only meaningful then)."""
+    try:
+        ast.parse(text)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return False
+    return True
+
+
+def encode_windows(
+    tokenizer: Tokenizer,
+    texts: Sequence[str],
+    seq_len: int,
+    max_tokens: int,
+    *,
+    separator_id: int | None = None,
+    sample_tokens: int = 512,
+) -> TokenWindows:
+    """Tokenise ``texts`` into at most ``max_tokens`` tokens cut into windows of ``seq_len``.
+
+    Args:
+        tokenizer: the model's tokenizer (its encodings carry character offsets).
+        texts: documents, used in order until ``max_tokens`` is reached.
+        seq_len: tokens per window ``S`` (``<=`` the model's context).
+        max_tokens: token budget; rounded down to whole windows (at least one window is needed).
+        separator_id: token placed after each document (e.g. end-of-text); None = no separator.
+        sample_tokens: how many leading tokens keep their text piece for the coloured sample.
+
+    Raises:
+        ValueError: bad sizes, or fewer than ``seq_len`` tokens of text.
+    """
+    for name, value in (("seq_len", seq_len), ("max_tokens", max_tokens)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 2:
+            raise ValueError(f"{name} must be an int >= 2, got {value!r}")
+    if max_tokens < seq_len:
+        raise ValueError(f"max_tokens ({max_tokens}) must be >= seq_len ({seq_len}): one window at least")
+    ids: list[np.ndarray] = []
+    cats: list[np.ndarray] = []
+    pieces: list[str] = []
+    total = n_python = n_docs = 0
+    for text in texts:
+        if total >= max_tokens:
+            break
+        if not text:
+            continue
+        enc = tokenizer.encode(text, add_special_tokens=False)
+        n_docs += 1
+        if is_python(text):
+            n_python += 1
+            doc_cats = token_categories(python_char_categories(text), enc.offsets)
+        else:
+            doc_cats = np.full(len(enc.ids), -1, dtype=np.int64)
+        doc_ids = np.asarray(enc.ids, dtype=np.int64)
+        if separator_id is not None:
+            doc_ids = np.append(doc_ids, separator_id)
+            doc_cats = np.append(doc_cats, -1)
+        if len(pieces) < sample_tokens:
+            prev = 0
+            for _, end in enc.offsets:  # a piece runs from the previous token's end: lossless
+                pieces.append(text[prev:end] if end > prev else "")
+                prev = max(prev, end)
+            if pieces and prev < len(text):
+                pieces[-1] += text[prev:]
+            if separator_id is not None:
+                pieces.append("")
+            del pieces[sample_tokens:]
+        ids.append(doc_ids)
+        cats.append(doc_cats)
+        total += len(doc_ids)
+    stream = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
+    stream_cats = np.concatenate(cats) if cats else np.zeros(0, dtype=np.int64)
+    n = min(len(stream), max_tokens) // seq_len
+    if n < 1:
+        raise ValueError(
+            f"the analysis data has {len(stream)} tokens, fewer than one window of seq_len={seq_len}; "
+            "give more text or a smaller seq_len"
+        )
+    return TokenWindows(
+        ids_NS=stream[: n * seq_len].reshape(n, seq_len),
+        categories_NS=stream_cats[: n * seq_len].reshape(n, seq_len),
+        sample_pieces=pieces[: n * seq_len],
+        python_documents=n_python,
+        documents=n_docs,
+    )
