@@ -1,0 +1,131 @@
+"""Rank body for test_expert_parallel.py: the EP layer equals the single-process layer (float64),
+for dropless and capacity routers, and sharded checkpoints round-trip 2 -> 1 -> 2."""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.testing import assert_close
+
+from moekit import MoE, MoEConfig
+from moekit.distributed import groups as G
+from moekit.distributed.checkpoint import load_sharded, save_sharded
+from moekit.distributed.parallel import gather_experts, parallelize_moe, sync_gradients
+
+TOL = {"atol": 1e-12, "rtol": 1e-12}
+CONFIGS = [
+    {"router": "topk", "top_k": 2},  # dropless
+    {"router": "topk", "top_k": 2, "capacity_factor": 0.5, "shared_expert_intermediate_size": 8},
+    {"router": "switch", "top_k": 1, "capacity_factor": 1.0, "router_z_loss_coef": 1e-3},
+    {"router": "sigmoid_bias", "top_k": 2, "activation": "gelu"},
+]
+
+
+def check_layer(overrides: dict, pg: G.ParallelGroups, tokens_per_rank: int = 13) -> None:
+    world, rank = pg.world_size, pg.rank
+    cfg = MoEConfig(hidden_size=12, intermediate_size=16, num_experts=8, **overrides)
+    torch.manual_seed(0)
+    full = MoE(cfg).double().train()
+    ep = parallelize_moe(copy.deepcopy(full), pg)
+    gen = torch.Generator().manual_seed(1)
+    x_all = torch.randn(world * tokens_per_rank, 12, dtype=torch.float64, generator=gen)
+    g_all = torch.randn(world * tokens_per_rank, 12, dtype=torch.float64, generator=gen)
+    rows = slice(rank * tokens_per_rank, (rank + 1) * tokens_per_rank)
+
+    xf = x_all.clone().requires_grad_()
+    yf, info_f = full(xf)
+    ((yf * g_all).sum() + info_f.aux_loss).backward()
+
+    x = x_all[rows].clone().requires_grad_()
+    y, info = ep(x)
+    # Each rank's objective; their mean is the single-process objective.
+    (world * (y * g_all[rows]).sum() + info.aux_loss).backward()
+    sync_gradients(ep, pg)
+
+    what = f"{overrides}"
+    assert_close(y, yf[rows].detach(), **TOL, msg=f"output {what}")
+    assert torch.equal(info.kept, info_f.kept[rows]), what
+    aux = info.aux_loss.detach().clone()
+    dist.all_reduce(aux)
+    assert_close(aux / world, info_f.aux_loss.detach(), **TOL, msg=f"aux {what}")
+    tpe = info.tokens_per_expert.clone()
+    dist.all_reduce(tpe)
+    assert torch.equal(tpe, info_f.tokens_per_expert), (what, tpe, info_f.tokens_per_expert)
+    dropped = info.dropped.clone()
+    dist.all_reduce(dropped)
+    assert int(dropped) == int(info_f.dropped), what
+    if "capacity_factor" in overrides:
+        assert int(info_f.dropped) > 0, f"capacity case drops nothing: {what}"
+    assert_close(x.grad / world, xf.grad[rows], **TOL, msg=f"input grad {what}")
+    per = cfg.num_experts // world
+    full_params = dict(full.named_parameters())
+    for name, p in ep.named_parameters():
+        ref = full_params[name].grad
+        if name.startswith("experts."):
+            ref = ref[rank * per : (rank + 1) * per]
+        assert_close(p.grad, ref, **TOL, msg=f"grad {name} {what}")
+
+
+def check_errors(pg: G.ParallelGroups) -> None:
+    try:
+        parallelize_moe(MoE(MoEConfig(hidden_size=4, intermediate_size=4, num_experts=3, top_k=1)), pg)
+    except ValueError as e:
+        assert "num_experts=3" in str(e) and "ep_size=2" in str(e), e
+    else:
+        raise AssertionError("num_experts=3 on ep_size=2 must raise")
+
+
+def check_checkpoint(pg: G.ParallelGroups, tmp: Path) -> None:
+    cfg = MoEConfig(hidden_size=12, intermediate_size=16, num_experts=8, top_k=2)
+    torch.manual_seed(2)
+    ep = parallelize_moe(MoE(cfg).double(), pg)
+    with torch.no_grad():  # make the shards differ from any fresh init
+        for p in ep.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    x_all = torch.randn(2 * 9, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    rows = slice(pg.rank * 9, (pg.rank + 1) * 9)
+    y_ep = ep.eval()(x_all[rows]).output
+    full_ref = {**{k: v for k, v in ep.state_dict().items() if not k.startswith("experts.")},
+                **gather_experts(ep, pg)}
+    save_sharded(ep, tmp / "two", pg)  # 2 ranks -> files
+    if pg.rank == 0:  # -> 1 process
+        one = MoE(cfg).double().eval()
+        load_sharded(one, tmp / "two")
+        for k, v in one.state_dict().items():
+            assert torch.equal(v, full_ref[k]), k
+        y_one = one(x_all).output
+        assert_close(y_one[rows], y_ep, **TOL)
+        save_sharded(one, tmp / "one")
+    dist.barrier()
+    y_one_all = torch.empty(18, 12, dtype=torch.float64)
+    if pg.rank == 0:
+        y_one_all.copy_(y_one)
+    dist.broadcast(y_one_all, 0)
+    assert_close(y_ep, y_one_all[rows], **TOL)
+    # 1 -> 2 ranks again: identical shards and outputs.
+    again = parallelize_moe(MoE(cfg).double(), pg)
+    load_sharded(again, tmp / "one", pg)
+    for k, v in ep.state_dict().items():
+        assert torch.equal(again.state_dict()[k], v), k
+    assert torch.equal(again.eval()(x_all[rows]).output, y_ep)
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    G.init_distributed("gloo", timeout_s=60)
+    pg = G.new_expert_parallel_groups(2)
+    for overrides in CONFIGS:
+        check_layer(overrides, pg)
+    check_errors(pg)
+    check_checkpoint(pg, Path(sys.argv[1]))
+    dist.barrier()
+    print(f"rank {pg.rank} ok", flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
