@@ -1,0 +1,98 @@
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+from moekit.train import list_checkpoints, load_run, train
+
+from .conftest import micro_model, micro_train
+
+
+def _run(out, data, **kwargs):
+    kwargs.setdefault("model_config", micro_model())
+    kwargs.setdefault("train_config", micro_train())
+    return train(out, data=data, show_progress=False, log=lambda s: None, **kwargs)
+
+
+def test_training_lowers_the_loss_and_writes_metrics(tmp_path, text_dir):
+    losses = []
+    result = _run(tmp_path / "run", text_dir, train_config=micro_train(max_steps=25, eval_every=0, lr=1e-2),
+                  on_step=lambda step, m: losses.append(m["loss"]))
+    assert len(losses) == 25 and result.step == 25 and not result.interrupted
+    assert sum(losses[-5:]) / 5 < losses[0] - 1.0
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [x for x in lines if x["split"] == "train"]
+    assert [x["step"] for x in train_lines] == list(range(1, 26))
+    last = train_lines[-1]
+    assert last["loss"] == result.loss and last["aux_loss"] > 0 and last["tokens_per_s"] > 0
+    assert len(last["expert_load"]) == 2 and all(len(layer) == 4 for layer in last["expert_load"])
+    assert all(sum(layer) == pytest.approx(1.0) for layer in last["expert_load"])
+    assert last["load_cv"] == pytest.approx(sum(last["load_cv_per_layer"]) / 2)
+    assert [x["step"] for x in lines if x["split"] == "validation"] == [25]
+    assert result.val_loss == lines[-1]["val_loss"]
+
+
+def test_resume_is_bit_exact(tmp_path, text_dir):
+    full = _run(tmp_path / "full", text_dir)
+
+    def interrupt_at_3(step, metrics):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C does: finish the step, save, stop
+
+    cut = _run(tmp_path / "cut", text_dir, train_config=micro_train(save_every=0), on_step=interrupt_at_3)
+    assert cut.interrupted and cut.step == 3
+    assert [s for s, _ in list_checkpoints(tmp_path / "cut")] == [3]
+    resumed = train(tmp_path / "cut", resume=True, show_progress=False, log=lambda s: None)
+    assert resumed.step == 6 and not resumed.interrupted
+    assert resumed.loss == full.loss and resumed.val_loss == full.val_loss
+    a, _, _ = load_run(tmp_path / "full")
+    b, _, _ = load_run(tmp_path / "cut")
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), name
+    steps = [json.loads(x)["step"] for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps)
+
+
+def test_load_run_and_run_json(tmp_path, text_dir):
+    result = _run(tmp_path / "run", text_dir, train_config=micro_train(max_steps=2))
+    model, tokenizer, info = load_run(tmp_path / "run")
+    assert info["step"] == 2 and info["format"] == "moekit-run"
+    assert info["model_config"]["eos_token_id"] == tokenizer.token_to_id("<|endoftext|>")
+    assert info["data"]["source"] == str(text_dir)
+    assert not model.training
+    assert result.checkpoint == list_checkpoints(tmp_path / "run")[-1][1]
+
+
+def test_new_run_refuses_a_non_empty_out(tmp_path, text_dir):
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not empty; pass --resume"):
+        _run(out, text_dir)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_resume_errors(tmp_path, text_dir):
+    with pytest.raises(ValueError, match="is not a moekit run"):
+        train(text_dir, resume=True, show_progress=False)
+    _run(tmp_path / "run", text_dir, train_config=micro_train(max_steps=2))
+    before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match="model configuration.*hidden_size: run has 32, asked for 48"):
+        train(tmp_path / "run", resume=True, model_config=micro_model(hidden_size=48), show_progress=False)
+    with pytest.raises(ValueError, match="another configuration.*batch_size"):
+        train(tmp_path / "run", resume=True, train_changes={"batch_size": 3}, show_progress=False)
+    with pytest.raises(ValueError, match="trained on"):
+        train(tmp_path / "run", resume=True, data=tmp_path, show_progress=False)
+    after = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    assert after == before  # nothing overwritten
+
+
+def test_data_errors_write_nothing(tmp_path):
+    with pytest.raises(ValueError, match="no such file"):
+        _run(tmp_path / "out", tmp_path / "missing")
+    (tmp_path / "small.txt").write_text("a\n" * 3000)
+    with pytest.raises(ValueError, match="seq-len"):
+        _run(tmp_path / "out", tmp_path / "small.txt", train_config=micro_train(seq_len=128))
+    assert not (tmp_path / "out").exists()
