@@ -76,6 +76,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", dest="compile", action="store_const", const=True, default=None,
                    help="torch.compile the model for training")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--expert-parallel", type=int, default=None, metavar="N",
+                   help="split the experts over N ranks of a torchrun job, e.g. `torchrun --nproc-per-node 2 "
+                        "-m moekit train --expert-parallel 2` (default: 1 under torchrun, else off)")
     p.set_defaults(func=_cmd_train)
 
 
@@ -97,8 +100,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.resume and args.out is None:
         raise ValueError("--resume needs --out RUN_DIR (the run to continue)")
     out = args.out or f"runs/{args.preset or 'tiny'}-{time.strftime('%Y%m%d-%H%M%S')}"
+    from moekit.distributed.training import resolve_expert_parallel
+
     result = train(out, model_config=model_config, train_changes=changes, data=args.data,
-                   resume=args.resume, show_progress=not args.no_progress)
+                   resume=args.resume, show_progress=not args.no_progress,
+                   expert_parallel=resolve_expert_parallel(args.expert_parallel))
     val = f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else ""
     loss = f", train loss {result.loss:.4f}" if result.loss is not None else ""
     print(f"run saved to {result.run_dir} (step {result.step}{loss}{val}; checkpoint {result.checkpoint})")
@@ -111,8 +117,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate text from a trained run",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("run_dir", help="a run directory written by `moekit train`")
-    p.add_argument("--prompt", action="append", required=True,
+    p.add_argument("run_dir", nargs="?", default=None,
+                   help="a run directory written by `moekit train` (or use --model PATH)")
+    p.add_argument("--prompt", action="append", default=None,
                    help="prompt text; repeat for a batch of prompts")
     p.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per prompt at most")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy")
@@ -123,6 +130,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--no-stream", action="store_true", help="print results at the end, no streaming")
+    from moekit.hf.chat import add_generate_flags
+
+    add_generate_flags(p)  # --model PATH (HF / Mistral checkpoint), --chat, --system, --dtype
     p.set_defaults(func=_cmd_generate)
 
 
@@ -130,6 +140,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from moekit.inference import generate_text
     from moekit.train import load_run
 
+    if args.model is not None:
+        from moekit.hf.chat import cmd_generate
+
+        return cmd_generate(args)
+    if args.run_dir is None or not args.prompt:
+        raise ValueError("generate needs RUN_DIR and --prompt (or --model PATH for a checkpoint)")
     model, tokenizer, info = load_run(args.run_dir, step=args.step, device=args.device)
     stream_one = len(args.prompt) == 1 and not args.no_stream
     if stream_one:
@@ -203,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_info(sub)
     _add_analyze(sub)
+    from moekit.hf.chat import add_convert_parser
+
+    add_convert_parser(sub)  # moekit convert SRC DST --to hf|mistral
     return parser
 
 

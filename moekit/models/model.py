@@ -9,7 +9,7 @@ with ``load_state_dict(strict=True)``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -196,6 +196,20 @@ class MoEForCausalLM(nn.Module):
     def moe_layers(self) -> list[nn.Module]:
         """The :class:`moekit.MoE` modules, in layer order."""
         return [layer.mlp for layer in self.model.layers if layer.is_moe]
+
+    @classmethod
+    def from_pretrained(cls, path: str, **kwargs: Any) -> MoEForCausalLM:
+        """Load an HF / Mistral checkpoint directory; see :func:`moekit.hf.from_pretrained`."""
+        from moekit.hf.load import from_pretrained
+
+        return from_pretrained(path, **kwargs)
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> Any:
+        """Write an HF checkpoint directory (config.json + safetensors shards); see
+        :func:`moekit.hf.save_pretrained` for ``max_shard_size``, ``model_type``, ``dtype``, ``tokenizer``."""
+        from moekit.hf.save import save_pretrained
+
+        return save_pretrained(self, save_directory, **kwargs)
 
     def num_parameters(self, active: bool = False) -> int:
         """Parameters counted once (tied head included once).

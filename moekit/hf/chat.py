@@ -1,0 +1,196 @@
+"""``moekit generate --model PATH [--chat]``: text and chat generation from a checkpoint directory.
+
+Chat renders the whole conversation with the tokenizer's chat template (``add_generation_prompt``),
+encodes it without extra special tokens (the template writes them), streams the reply until an
+end-of-sequence token (tokenizer ``eos_token``, config / ``generation_config.json`` ``eos_token_id``)
+or a stop string, and appends it to the conversation. Interactive mode reads one user turn per line;
+``/reset`` clears the conversation, ``/exit`` (or end of input) quits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TextIO
+
+from moekit.hf.load import from_pretrained
+from moekit.hf.resolve import resolve_path
+from moekit.hf.tokenizer import HFTokenizer, load_tokenizer
+from moekit.models import MoEForCausalLM
+
+
+def stop_token_ids(root: Path, model: MoEForCausalLM, tokenizer: HFTokenizer) -> list[int]:
+    """Every end-of-sequence id the checkpoint names (config, generation_config.json, tokenizer)."""
+    ids: list[int] = []
+    for name in ("config.json", "generation_config.json"):
+        path = root / name
+        if path.is_file():
+            eos = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
+            ids.extend(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    if model.config.eos_token_id is not None:
+        ids.append(model.config.eos_token_id)
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return sorted({i for i in ids if isinstance(i, int) and 0 <= i < model.config.vocab_size})
+
+
+def reply(
+    model: MoEForCausalLM,
+    tokenizer: HFTokenizer,
+    messages: list[dict[str, Any]],
+    *,
+    stop_ids: list[int],
+    stream: Callable[[str], None] | None = None,
+    max_new_tokens: int = 256,
+    stop: list[str] | None = None,
+    **sampling: Any,
+) -> str:
+    """Generate the assistant's next message for ``messages``; returns its text."""
+    from moekit.inference import generate
+    from moekit.inference.text import _RowText  # the streaming detokeniser generate_text uses
+
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    assert isinstance(ids, list)
+    room = model.config.max_position_embeddings - len(ids)
+    if room < 1:
+        raise ValueError(
+            f"the conversation has {len(ids)} tokens, the model's context is "
+            f"{model.config.max_position_embeddings}; /reset to start over"
+        )
+    row = _RowText(tokenizer.tokenizer, stop or [])
+
+    def on_token(_: int, token_id: int) -> bool:
+        piece = row.push(token_id)
+        if piece and stream is not None:
+            stream(piece)
+        return row.stopped
+
+    generate(model, [ids], min(max_new_tokens, room), stop_token_ids=stop_ids, on_token=on_token, **sampling)
+    piece = row.flush()
+    if piece and stream is not None:
+        stream(piece)
+    return row.text
+
+
+def chat_loop(
+    model: MoEForCausalLM,
+    tokenizer: HFTokenizer,
+    *,
+    stop_ids: list[int],
+    system: str | None = None,
+    prompts: list[str] | None = None,
+    read: Callable[[], str] | None = None,
+    out: TextIO = sys.stdout,
+    **gen: Any,
+) -> list[dict[str, Any]]:
+    """Multi-turn chat. Turns come from ``prompts`` (one each) or, when None, from ``read()`` until
+    ``/exit`` or EOF. Returns the conversation."""
+    messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
+    interactive = prompts is None
+    turns = iter(prompts or [])
+
+    def next_turn() -> str | None:
+        if not interactive:
+            return next(turns, None)
+        try:
+            out.write("\n> " if messages else "> ")
+            out.flush()
+            return (read or input)()
+        except EOFError:
+            return None
+
+    while (text := next_turn()) is not None:
+        if text.strip() == "/exit":
+            break
+        if text.strip() == "/reset":
+            messages = messages[:1] if system else []
+            out.write("(conversation cleared)\n")
+            continue
+        if not text.strip():
+            continue
+        messages.append({"role": "user", "content": text})
+        if not interactive:
+            out.write(f"> {text}\n")
+
+        def stream(piece: str) -> None:
+            out.write(piece)
+            out.flush()
+
+        answer = reply(model, tokenizer, messages, stop_ids=stop_ids, stream=stream, **gen)
+        out.write("\n")
+        messages.append({"role": "assistant", "content": answer})
+    return messages
+
+
+def add_generate_flags(p: argparse.ArgumentParser) -> None:
+    """The checkpoint flags of ``moekit generate`` (``--model``, ``--chat``, ``--system``, ``--dtype``)."""
+    p.add_argument("--model", default=None, metavar="PATH",
+                   help="an HF / Mistral checkpoint directory (or a cached hub id) instead of a run")
+    p.add_argument("--chat", action="store_true",
+                   help="apply the tokenizer's chat template; without --prompt: interactive multi-turn chat")
+    p.add_argument("--system", default=None, help="system message for --chat")
+    p.add_argument("--dtype", default=None,
+                   help="dtype of --model weights, e.g. bfloat16; None = the checkpoint's")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """``moekit generate --model PATH``: prompts, or ``--chat`` (a turn per --prompt, or interactive)."""
+    root = resolve_path(args.model)
+    model = from_pretrained(root, dtype=args.dtype, device=args.device)
+    tokenizer = load_tokenizer(root)
+    stop_ids = stop_token_ids(root, model, tokenizer)
+    sampling = {
+        "temperature": args.temperature,
+        "top_k": args.top_k or None,
+        "top_p": args.top_p if args.top_p < 1 else None,
+        "seed": args.seed,
+    }
+    if args.chat:
+        chat_loop(model, tokenizer, stop_ids=stop_ids, system=args.system, prompts=args.prompt,
+                  max_new_tokens=args.max_new_tokens, stop=args.stop, **sampling)
+        return 0
+    if not args.prompt:
+        raise ValueError("--prompt is required without --chat")
+    from moekit.inference import generate_text
+
+    one = len(args.prompt) == 1 and not args.no_stream
+    if one:
+        sys.stdout.write(args.prompt[0])
+
+    def stream(_: int, piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    texts = generate_text(model, tokenizer.tokenizer, args.prompt, args.max_new_tokens, stop=args.stop,
+                          stream=stream if one else None, stop_token_ids=stop_ids, **sampling)
+    if one:
+        print()
+    else:
+        for i, (prompt, text) in enumerate(zip(args.prompt, texts)):
+            print(f"--- [{i}] ---\n{prompt}{text}")
+    return 0
+
+
+def add_convert_parser(sub: Any) -> None:
+    """``moekit convert SRC DST --to hf|mistral``."""
+    p = sub.add_parser("convert", help="convert a checkpoint between HF and Mistral layouts (safetensors)")
+    p.add_argument("src", help="checkpoint directory (HF config.json / Mistral params.json) or cached hub id")
+    p.add_argument("dst", help="output directory")
+    p.add_argument("--to", choices=("hf", "mistral"), default="hf", help="output layout")
+    p.add_argument("--max-shard-size", default=None, help="e.g. 5GB (hf default) or 500MB")
+    p.add_argument("--dtype", default=None, help="cast weights, e.g. bfloat16 (default: keep)")
+    p.add_argument("--model-type", default=None, choices=("mixtral", "qwen2_moe", "olmoe"),
+                   help="HF model_type to write (default: the one matching the config)")
+    p.set_defaults(func=cmd_convert)
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from moekit.hf.save import convert
+
+    out = convert(args.src, args.dst, to=args.to, max_shard_size=args.max_shard_size, dtype=args.dtype,
+                  model_type=args.model_type)
+    print(f"wrote {args.to} checkpoint to {out}")
+    return 0

@@ -1,0 +1,171 @@
+"""Write a ``MoEForCausalLM`` as an HF checkpoint directory or in Mistral's layout, and convert between them.
+
+HF output is what transformers itself writes: ``config.json`` (``model_type`` mixtral / qwen2_moe /
+olmoe), per-expert tensor names, ``model.safetensors`` or ``model-0000k-of-0000n.safetensors`` shards
+with ``model.safetensors.index.json`` above ``max_shard_size``. Expert tensors are written as views
+of the stacked parameters, one shard at a time, so saving needs no second copy of the model.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moekit.hf import config_map, keymap
+from moekit.hf.checkpoint import atomic_write_text, write_sharded
+from moekit.hf.tokenizer import HFTokenizer
+from moekit.models import MoEForCausalLM
+
+_TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
+                      torch.float64: "float64"}
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+    "generation_config.json", "tokenizer.model", "tekken.json",
+)
+
+
+def _check_model(model: Any) -> MoEForCausalLM:
+    if not isinstance(model, MoEForCausalLM):
+        raise TypeError(f"model must be a moekit MoEForCausalLM, got {type(model).__name__}")
+    return model
+
+
+def _state(model: MoEForCausalLM, dtype: torch.dtype | None) -> tuple[dict[str, torch.Tensor], torch.dtype]:
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    floats = [v.dtype for v in state.values() if v.dtype.is_floating_point]
+    out_dtype = dtype or (max(set(floats), key=floats.count) if floats else torch.float32)
+    return state, out_dtype
+
+
+def _cast(items: Any, dtype: torch.dtype | None) -> Any:
+    """Cast floating tensors one at a time, as the shard writer pulls them."""
+    for name, t in items:
+        yield name, (t.to(dtype) if dtype is not None and t.dtype.is_floating_point else t)
+
+
+def save_tokenizer(tokenizer: HFTokenizer, save_directory: str | Path) -> None:
+    """Write ``tokenizer.json`` and ``tokenizer_config.json`` (special tokens, chat template)."""
+    out = Path(save_directory)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "tokenizer.json", tokenizer.tokenizer.to_str())
+    cfg: dict[str, Any] = dict(tokenizer.special_tokens)
+    if tokenizer.chat_template is not None:
+        tpl = tokenizer.chat_template
+        cfg["chat_template"] = tpl if isinstance(tpl, str) else [
+            {"name": k, "template": v} for k, v in tpl.items()
+        ]
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    atomic_write_text(out / "tokenizer_config.json", json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+
+
+def save_pretrained(
+    model: MoEForCausalLM,
+    save_directory: str | Path,
+    *,
+    max_shard_size: int | str = "5GB",
+    model_type: str | None = None,
+    dtype: torch.dtype | None = None,
+    tokenizer: HFTokenizer | None = None,
+) -> Path:
+    """Write ``model`` as a Hugging Face checkpoint directory that transformers loads as is.
+
+    Args:
+        save_directory: created if needed; an earlier save's shards there are replaced.
+        max_shard_size: bytes per shard (int or ``"5GB"`` / ``"500MB"``); one ``model.safetensors``
+            when everything fits.
+        model_type: ``"mixtral"``, ``"qwen2_moe"`` or ``"olmoe"``; ``None`` picks the one whose math
+            matches the config (ValueError when none does, e.g. an expert-choice router).
+        dtype: cast floating tensors to this dtype while writing (default: keep).
+        tokenizer: also write its ``tokenizer.json`` / ``tokenizer_config.json``.
+
+    Returns:
+        The directory.
+    """
+    model = _check_model(model)
+    cfg = model.config
+    hf_type = model_type or config_map.pick_model_type(cfg)
+    state, out_dtype = _state(model, dtype)
+    hf_cfg = config_map.hf_from_config(cfg, hf_type, dtype=_TORCH_DTYPE_NAMES.get(out_dtype, "float32"))
+    out = Path(save_directory)
+    tensors = keymap.hf_from_state(state, hf_type, tied=cfg.tie_word_embeddings)
+    if hf_type == "qwen2_moe" and cfg.shared_expert_intermediate_size == 0:
+        tensors = _with_empty_shared_experts(tensors, cfg, out_dtype)
+    write_sharded(_cast(tensors, dtype), out, max_shard_size=max_shard_size)
+    atomic_write_text(out / "config.json", json.dumps(hf_cfg, indent=2) + "\n")
+    gen = {k: hf_cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hf_cfg[k] is not None}
+    atomic_write_text(out / "generation_config.json", json.dumps(gen, indent=2) + "\n")
+    if tokenizer is not None:
+        save_tokenizer(tokenizer, out)
+    return out
+
+
+def _with_empty_shared_experts(tensors: Any, cfg: Any, dtype: torch.dtype) -> Any:
+    """Qwen2-MoE always has a shared expert; a model without one gets a zero-width one (output 0)."""
+    yield from tensors
+    d = cfg.hidden_size
+    for i in range(cfg.num_hidden_layers):
+        if cfg.is_moe_layer(i):
+            p = f"model.layers.{i}.mlp.shared_expert"
+            yield f"{p}.gate_proj.weight", torch.zeros(0, d, dtype=dtype)
+            yield f"{p}.up_proj.weight", torch.zeros(0, d, dtype=dtype)
+            yield f"{p}.down_proj.weight", torch.zeros(d, 0, dtype=dtype)
+            yield f"{p}_gate.weight", torch.zeros(1, d, dtype=dtype)
+
+
+def save_mistral(
+    model: MoEForCausalLM,
+    save_directory: str | Path,
+    *,
+    max_shard_size: int | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write ``model`` in Mistral's layout: ``params.json`` + ``consolidated.safetensors`` (or
+    ``consolidated-0000k-of-0000n.safetensors`` with ``max_shard_size``). Mixtral math only."""
+    model = _check_model(model)
+    cfg = model.config
+    params = config_map.mistral_from_config(cfg)
+    state, _ = _state(model, dtype)
+    out = Path(save_directory)
+    tensors = keymap.mistral_from_state(state, cfg.head_dim)
+    limit = max_shard_size if max_shard_size is not None else 2**62
+    write_sharded(_cast(tensors, dtype), out, max_shard_size=limit, prefix="consolidated", index=False)
+    atomic_write_text(out / "params.json", json.dumps(params, indent=2) + "\n")
+    return out
+
+
+def convert(
+    src: str | Path,
+    dst: str | Path,
+    to: str = "hf",
+    *,
+    max_shard_size: int | str | None = None,
+    dtype: torch.dtype | str | None = None,
+    model_type: str | None = None,
+) -> Path:
+    """Convert checkpoint ``src`` (HF or Mistral layout) to ``dst`` in layout ``to`` (``"hf"`` or
+    ``"mistral"``), copying the tokenizer files along. Tensors stream through mmap: peak RAM is about
+    one model's worth of converted (stacked) experts at most, never two models."""
+    from moekit.hf.load import from_pretrained, parse_dtype
+    from moekit.hf.resolve import resolve_path
+
+    if to not in ("hf", "mistral"):
+        raise ValueError(f"to must be 'hf' or 'mistral', got {to!r}")
+    src_dir = resolve_path(src)
+    dst_dir = Path(dst)
+    if dst_dir.resolve() == src_dir.resolve():
+        raise ValueError(f"convert needs a destination other than the source ({src_dir})")
+    model = from_pretrained(src_dir, dtype=parse_dtype(dtype))
+    if to == "hf":
+        save_pretrained(model, dst_dir, max_shard_size=max_shard_size or "5GB", model_type=model_type)
+    else:
+        if model_type not in (None, "mixtral"):
+            raise ValueError("the Mistral layout holds Mixtral models only; drop model_type")
+        save_mistral(model, dst_dir, max_shard_size=max_shard_size)
+    for name in TOKENIZER_FILES:
+        if (src_dir / name).is_file() and not (dst_dir / name).exists():
+            shutil.copyfile(src_dir / name, dst_dir / name)
+    return dst_dir
