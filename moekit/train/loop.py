@@ -163,6 +163,7 @@ def train(
     show_progress: bool = True,
     log: Callable[[str], None] = print,
     on_step: Callable[[int, dict[str, Any]], None] | None = None,
+    expert_parallel: int = 0,
 ) -> TrainResult:
     """Train a :class:`moekit.models.MoEForCausalLM` into the run directory ``out``.
 
@@ -178,6 +179,8 @@ def train(
         show_progress: tqdm progress bar.
         log: where one-line messages go.
         on_step: called as ``on_step(step, metrics)`` after every optimizer step.
+        expert_parallel: 0 = one process; ``N >= 1`` = join the torchrun job and split the experts
+            over ``N`` ranks (see :mod:`moekit.distributed.training`; 1 = data parallel only).
 
     A SIGINT (Ctrl-C) or SIGTERM finishes the current step, saves a checkpoint and returns with
     ``interrupted=True``.
@@ -185,6 +188,15 @@ def train(
     from moekit.models import ModelConfig, MoEForCausalLM, get_preset
 
     out = Path(out)
+    ep = None  # expert parallelism: the logic is in moekit.distributed.training, these are its hooks
+    if expert_parallel:
+        from moekit.distributed.training import ExpertParallelRun
+
+        ep = ExpertParallelRun(expert_parallel)
+        out = Path(ep.run_on_main(lambda: str(out), share_result=True))  # e.g. a time-stamped default
+        if not ep.is_main:
+            log, show_progress = (lambda *a, **k: None), False
+    main = ep is None or ep.is_main
     if resume:
         info = read_run_info(out)
         saved_model = ModelConfig.from_dict(info["model_config"])
@@ -201,14 +213,22 @@ def train(
             raise ValueError(f"cannot resume {out}: it has no checkpoint yet; start a new run instead")
         tokens = load_tokens(out)
         load_tokenizer(out / TOKENIZER_FILE)  # fail early on a damaged run
-        write_run_info(out, {**{k: v for k, v in info.items() if k not in ("format", "version")},
-                             "train_config": cfg.to_dict()})
+        if main:
+            write_run_info(out, {**{k: v for k, v in info.items() if k not in ("format", "version")},
+                                 "train_config": cfg.to_dict()})
     else:
         cfg = (train_config or TrainConfig()).replace(**(train_changes or {}))
         model_config = model_config if model_config is not None else get_preset("tiny")
-        model_config, _, tokens = prepare_run(out, model_config, cfg, data, log=log)
+        if ep is None:
+            model_config, _, tokens = prepare_run(out, model_config, cfg, data, log=log)
+        else:  # rank 0 prepares the run directory, every rank reads it
+            ep.run_on_main(lambda: prepare_run(out, model_config, cfg, data, log=log))
+            model_config, tokens = ModelConfig.from_dict(read_run_info(out)["model_config"]), load_tokens(out)
 
     device = _device(cfg.device)
+    if ep is not None:
+        device = ep.device(device)
+        ep.check_configs(model_config, cfg)
     torch.manual_seed(cfg.seed)
     model = MoEForCausalLM(model_config).to(device)
     model.train()
@@ -223,14 +243,21 @@ def train(
         restore_rng_state(state["rng"])
         val_loss = state.get("val_loss")
         loss_value = state.get("loss")
-        _truncate_metrics(out, step)
+        if main:
+            _truncate_metrics(out, step)
         log(f"resuming {out} from step {step}")
+    if ep is not None:
+        ep.shard(model, optimizer)  # experts (and their Adam state) split over the EP group
     fwd = torch.compile(model) if cfg.compile else model
 
     def save(at: int) -> Path:
         state = {"data": stream.state_dict(), "rng": capture_rng_state(), "loss": loss_value,
                  "val_loss": val_loss, "tokens_seen": stream.position * cfg.seq_len}
-        return _save(out, at, model, optimizer, state, keep_last=cfg.keep_last)
+        if ep is None:
+            return _save(out, at, model, optimizer, state, keep_last=cfg.keep_last)
+        with ep.unsharded(model, optimizer):  # one single-file checkpoint with every expert
+            return ep.run_on_main(lambda: _save(out, at, model, optimizer, state, keep_last=cfg.keep_last),
+                                  share_result=True)
 
     log(f"training {model.num_parameters():,} parameters ({model.num_parameters(active=True):,} active) "
         f"on {device} for {cfg.max_steps} steps of {cfg.tokens_per_step:,} tokens -> {out}")
@@ -245,7 +272,8 @@ def train(
             loss_sum = aux_sum = 0.0
             loads: list[torch.Tensor] = []
             for _ in range(cfg.grad_accum):
-                batch = stream.next_batch().to(device)
+                batch = stream.next_batch()
+                batch = (batch if ep is None else ep.local_batch(batch)).to(device)
                 with _autocast(device):
                     output = fwd(batch, labels=batch, output_routing=True)
                 ((output.loss + output.aux_loss) / cfg.grad_accum).backward()
@@ -254,7 +282,11 @@ def train(
                 stats = _load_stats(output.routing)
                 loads = stats if not loads else [a + b for a, b in zip(loads, stats)]
             clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+            if ep is not None:  # gradients and logged numbers of the global batch
+                loss_sum, aux_sum, loads = ep.mean(loss_sum), ep.mean(aux_sum), ep.sum_tensors(loads)
+                grad_norm = ep.sync_and_clip(model, clip)
+            else:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -267,17 +299,20 @@ def train(
                 "load_cv": sum(cvs) / len(cvs) if cvs else 0.0, "epoch": stream.epoch,
                 "tokens_seen": stream.position * cfg.seq_len,
             }
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
+            if main and (step % cfg.log_every == 0 or step == cfg.max_steps):
                 record = dict(metrics, load_cv_per_layer=cvs,
                               expert_load=[(t / t.sum().clamp_min(1)).tolist() for t in loads])
                 _append_metrics(out, record)
             if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps:
                 val_loss = evaluate(model, val_batches, device)
-                _append_metrics(out, {"step": step, "split": "validation", "val_loss": val_loss})
+                if main:
+                    _append_metrics(out, {"step": step, "split": "validation", "val_loss": val_loss})
                 metrics["val_loss"] = val_loss
             if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
                 last_saved = (step, save(step))
             bar.update(1)
+            if ep is not None:  # a signal seen by one rank stops every rank after the same step
+                stop.requested = ep.any_rank(stop.requested)
             postfix = {"loss": f"{loss_value:.3f}", "aux": f"{metrics['aux_loss']:.4f}",
                        "tok/s": f"{metrics['tokens_per_s']:,.0f}", "cv": f"{metrics['load_cv']:.2f}"}
             if val_loss is not None:

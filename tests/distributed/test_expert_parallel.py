@@ -1,10 +1,74 @@
+"""Expert parallelism on 2 CPU processes (gloo), spawned once for the whole module (start-up is costly).
+
+Each test checks that its section of the run passed on both ranks (see ep_worker.py).
+"""
+
+import random
+
 import pytest
 from ep_launch import launch
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.xdist_group("distributed")]
 
 
-def test_ep_layer_matches_single_process_and_checkpoints_reshard(tmp_path):
-    outs = launch("worker_ep.py", str(tmp_path), nprocs=2, timeout=180)
-    assert "rank 0 ok" in outs[0] and "rank 1 ok" in outs[1]
-    assert (tmp_path / "two" / "sharding.json").is_file() and (tmp_path / "one" / "sharding.json").is_file()
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ep")
+    rng = random.Random(0)
+    words = ["def", "class", "return", "self", "import", "for", "while", "if", "else", "try", "with",
+             "lambda", "yield", "pass", "None", "True", "print", "range", "len"]
+    text = "\n".join("    ".join(rng.choice(words) for _ in range(rng.randint(3, 9))) + f"  # {i}"
+                     for i in range(1500))
+    (tmp / "data.txt").write_text(text)
+    try:
+        outs = launch("ep_worker.py", str(tmp), str(tmp / "data.txt"), nprocs=2, timeout=300)
+    except AssertionError as err:  # every test then fails with the ranks' output
+        return {"error": str(err)}
+    return {"outs": outs, "tmp": tmp}
+
+
+def passed(run, section, ranks=(0, 1)):
+    assert "error" not in run, run.get("error")
+    for r in ranks:
+        assert f"PASS {section} " in run["outs"][r], f"rank {r} did not pass {section}:\n{run['outs'][r]}"
+
+
+def test_all_to_all_forward_backward_is_the_reverse_exchange(run):
+    passed(run, "exchange")
+
+
+def test_differentiable_all_reduce_and_uneven_all_gather(run):
+    passed(run, "all_reduce_gather")
+
+
+def test_groups_config_mismatch_and_bad_ep_size_raise(run):
+    passed(run, "groups")
+
+
+def test_collective_without_peer_times_out(run):
+    passed(run, "timeout")
+
+
+@pytest.mark.parametrize("case", range(4))
+def test_ep_layer_forward_backward_equal_single_process_float64(run, case):
+    passed(run, f"layer_{case}")
+
+
+def test_num_experts_not_divisible_by_ep_size_raises(run):
+    passed(run, "layer_errors")
+
+
+def test_sharded_checkpoint_round_trip_2_1_2(run):
+    passed(run, "checkpoint")
+    for name in ("two", "one"):
+        assert (run["tmp"] / name / "sharding.json").is_file()
+    assert sorted(p.name for p in (run["tmp"] / "two").glob("model-experts-*")) == [
+        "model-experts-00000-of-00002.safetensors", "model-experts-00001-of-00002.safetensors"]
+
+
+def test_lm_training_under_ep_matches_single_process(run):
+    passed(run, "train")
+
+
+def test_dead_peer_fails_fast(run):
+    passed(run, "dead_peer", ranks=(0,))

@@ -1,10 +1,9 @@
-"""Rank body for test_expert_parallel.py: the EP layer equals the single-process layer (float64),
+"""Checks run by ep_worker.py: the EP layer equals the single-process layer (float64),
 for dropless and capacity routers, and sharded checkpoints round-trip 2 -> 1 -> 2."""
 
 from __future__ import annotations
 
 import copy
-import sys
 from pathlib import Path
 
 import torch
@@ -112,20 +111,3 @@ def check_checkpoint(pg: G.ParallelGroups, tmp: Path) -> None:
     for k, v in ep.state_dict().items():
         assert torch.equal(again.state_dict()[k], v), k
     assert torch.equal(again.eval()(x_all[rows]).output, y_ep)
-
-
-def main() -> None:
-    torch.set_num_threads(1)
-    G.init_distributed("gloo", timeout_s=60)
-    pg = G.new_expert_parallel_groups(2)
-    for overrides in CONFIGS:
-        check_layer(overrides, pg)
-    check_errors(pg)
-    check_checkpoint(pg, Path(sys.argv[1]))
-    dist.barrier()
-    print(f"rank {pg.rank} ok", flush=True)
-    dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    main()

@@ -1,4 +1,4 @@
-"""Rank body for test_comm.py: exchange, autograd, group set-up and failure modes on 2 ranks (gloo)."""
+"""Checks run by ep_worker.py: exchange, autograd, group set-up and failure modes on 2 ranks (gloo)."""
 
 from __future__ import annotations
 
@@ -82,28 +82,15 @@ def check_timeout(rank: int) -> None:
     dist.barrier()
 
 
-def main() -> None:
-    torch.set_num_threads(1)
-    groups.init_distributed("gloo", timeout_s=60)
-    rank = dist.get_rank()
-    check_exchange(rank)
-    check_all_reduce_and_gather(rank)
-    check_groups(rank)
-    check_timeout(rank)
-    # Last: a rank that dies makes the survivor's next collective fail instead of hanging.
+def check_dead_peer(rank: int) -> None:
+    """Last check of a run: rank 1 exits; rank 0's next collective fails instead of hanging."""
     dist.barrier()
     if rank == 1:
+        print("PASS dead_peer (exiting)", flush=True)
         os._exit(0)
     time.sleep(0.5)
     try:
         dist.all_reduce(torch.ones(1))
     except RuntimeError:
-        print("dead peer detected", flush=True)
-    else:
-        raise AssertionError("all_reduce with a dead peer must fail")
-    print(f"rank {rank} ok", flush=True)
-    os._exit(0)
-
-
-if __name__ == "__main__":
-    main()
+        return
+    raise AssertionError("all_reduce with a dead peer must fail")
