@@ -1,0 +1,119 @@
+"""A tiny tokenizer with chat templates renders exactly as transformers' apply_chat_template."""
+
+import jinja2
+import pytest
+
+from moekit.hf import TokenizerNotFoundError, load_tokenizer
+
+from .builders import tiny_tokenizer
+
+transformers = pytest.importorskip("transformers")
+
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
+    " + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# Mixtral-instruct style: bos_token, role alternation enforced with raise_exception, whitespace control.
+MIXTRAL = (
+    "{{- bos_token }}\n{%- for message in messages %}\n"
+    "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}\n"
+    "        {{- raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}\n"
+    "    {%- endif %}\n    {%- if message['role'] == 'user' %}\n"
+    "        {{- ' [INST] ' + message['content'] | trim + ' [/INST]' }}\n"
+    "    {%- elif message['role'] == 'assistant' %}\n        {{- ' ' + message['content'] + eos_token }}\n"
+    "    {%- endif %}\n{%- endfor %}\n"
+)
+# Tools with tojson, namespace, dict(), loop controls and a {% generation %} block.
+TOOLS = (
+    "{%- set ns = namespace(n=0) -%}{%- if tools %}<tools>{{ tools | tojson }}</tools>\n{% endif -%}"
+    "{% for m in messages %}{% set ns.n = ns.n + 1 %}{% if m.role == 'stop' %}{% break %}{% endif %}"
+    "<|im_start|>{{ m.role }}\n{% if m.role == 'assistant' %}{% generation %}{{ m.content }}"
+    "{% endgeneration %}"
+    "{% else %}{{ m.content }}{% endif %}{% if m.reasoning_content %}<think>{{ m.reasoning_content }}</think>"
+    "{% endif %}<|im_end|>\n{% endfor %}{{ dict(count=ns.n) | tojson }}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hello, how are you?"}],
+    [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "Hi"},
+     {"role": "assistant", "content": "I am fine, thank you."}, {"role": "user", "content": "  Experts? "}],
+]
+TOOL_SPEC = [{"type": "function", "function": {"name": "get_weather", "description": "Wetter in Zürich <b>",
+                                               "parameters": {"city": {"type": "string"}}}}]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    out = {}
+    for name, template in {"chatml": CHATML, "mixtral": MIXTRAL, "tools": TOOLS}.items():
+        path = tmp_path_factory.mktemp(name)
+        hf_tok = transformers.PreTrainedTokenizerFast(
+            tokenizer_object=tiny_tokenizer(), bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+            chat_template=template,
+        )
+        hf_tok.save_pretrained(path)
+        out[name] = (hf_tok, path)
+    return out
+
+
+@pytest.mark.parametrize("name", ["chatml", "mixtral", "tools"])
+@pytest.mark.parametrize("add_generation_prompt", [False, True])
+def test_render_equals_transformers(saved, name, add_generation_prompt):
+    hf_tok, path = saved[name]
+    tok = load_tokenizer(path)
+    assert tok.special_tokens["bos_token"] == "<s>" and tok.eos_token_id == hf_tok.eos_token_id
+    for messages in CONVERSATIONS:
+        if name == "mixtral" and messages[0]["role"] == "system":
+            messages = messages[1:]
+        for tools in ([None, TOOL_SPEC] if name == "tools" else [None]):
+            kw = dict(add_generation_prompt=add_generation_prompt, tools=tools)
+            expected = hf_tok.apply_chat_template(messages, tokenize=False, **kw)
+            assert tok.apply_chat_template(messages, **kw) == expected
+            ids = hf_tok.apply_chat_template(messages, tokenize=True, return_dict=False, **kw)
+            assert tok.apply_chat_template(messages, tokenize=True, **kw) == list(ids)
+
+
+def test_none_values_reasoning_and_loop_controls_like_transformers(saved):
+    hf_tok, path = saved["tools"]
+    tok = load_tokenizer(path)
+    messages = [{"role": "user", "content": "Hi", "tool_calls": None},
+                {"role": "assistant", "content": "Hello", "reasoning_content": "greet"},
+                {"role": "stop", "content": "x"}, {"role": "user", "content": "never rendered"}]
+    expected = hf_tok.apply_chat_template(messages, tokenize=False)
+    assert "never rendered" not in expected and "<think>greet</think>" in expected
+    assert tok.apply_chat_template(messages) == expected
+
+
+def test_raise_exception_and_sandbox(saved):
+    hf_tok, path = saved["mixtral"]
+    tok = load_tokenizer(path)
+    bad = [{"role": "assistant", "content": "first"}]
+    with pytest.raises(jinja2.TemplateError, match="must alternate"):
+        hf_tok.apply_chat_template(bad, tokenize=False)
+    with pytest.raises(jinja2.TemplateError, match="must alternate"):
+        tok.apply_chat_template(bad)
+    with pytest.raises(ValueError, match="empty conversation"):
+        tok.apply_chat_template([])
+    tok.chat_template = "{{ messages.__class__.__mro__ }}"
+    with pytest.raises(jinja2.exceptions.SecurityError):
+        tok.apply_chat_template([{"role": "user", "content": "x"}])
+
+
+def test_named_templates_and_missing_tokenizer(tmp_path):
+    hf_tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tiny_tokenizer(), eos_token="</s>",
+        chat_template={"default": CHATML, "tool_use": TOOLS},
+    )
+    hf_tok.save_pretrained(tmp_path / "multi")
+    tok = load_tokenizer(tmp_path / "multi")
+    assert set(tok.chat_template) == {"default", "tool_use"}
+    msgs = CONVERSATIONS[0]
+    for kw in (dict(), dict(tools=TOOL_SPEC), dict(chat_template="tool_use")):
+        assert tok.apply_chat_template(msgs, **kw) == hf_tok.apply_chat_template(msgs, tokenize=False, **kw)
+    with pytest.raises(ValueError, match="'nope' not found"):
+        tok.apply_chat_template(msgs, chat_template="nope")
+    (tmp_path / "none").mkdir()
+    (tmp_path / "none" / "tokenizer.model").write_bytes(b"")
+    with pytest.raises(TokenizerNotFoundError, match="tokenizer.json: missing tokenizer file.*sentencepiece"):
+        load_tokenizer(tmp_path / "none")

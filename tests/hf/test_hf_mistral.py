@@ -1,0 +1,85 @@
+"""Mistral's layout (params.json + consolidated.safetensors): HF -> Mistral -> HF is exact, and the q/k row
+permutation matches Mistral's interleaved (complex) RoPE."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from moekit.hf import convert, from_pretrained
+from moekit.hf.keymap import rope_half_to_interleaved, rope_interleaved_to_half
+
+from .builders import tiny_hf
+
+transformers = pytest.importorskip("transformers")
+
+
+def _rope_half(x, theta):  # x (S, N, hd), HF rotate-half layout, float64
+    s, _, hd = x.shape
+    inv = 1.0 / theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+    ang = torch.outer(torch.arange(s, dtype=torch.float64), inv)
+    cos, sin = torch.cat([ang.cos()] * 2, -1)[:, None], torch.cat([ang.sin()] * 2, -1)[:, None]
+    x1, x2 = x.chunk(2, -1)
+    return x * cos + torch.cat([-x2, x1], -1) * sin
+
+
+def _rope_complex(x, theta):  # x (S, N, hd), Mistral interleaved pairs as complex numbers
+    s, _, hd = x.shape
+    inv = 1.0 / theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+    cis = torch.polar(torch.ones(s, hd // 2, dtype=torch.float64), torch.outer(torch.arange(s).double(), inv))
+    xc = torch.view_as_complex(x.reshape(s, x.shape[1], -1, 2).contiguous()) * cis[:, None]
+    return torch.view_as_real(xc).flatten(-2)
+
+
+def test_permutation_reproduces_mistral_attention_scores():
+    g = torch.Generator().manual_seed(0)
+    heads, hd, d, s, theta = 3, 8, 16, 6, 1e4
+    x = torch.randn(s, d, dtype=torch.float64, generator=g)
+    wq_mistral = torch.randn(heads * hd, d, dtype=torch.float64, generator=g)
+    wk_mistral = torch.randn(heads * hd, d, dtype=torch.float64, generator=g)
+    wq_hf, wk_hf = rope_interleaved_to_half(wq_mistral, hd), rope_interleaved_to_half(wk_mistral, hd)
+    q_m = _rope_complex((x @ wq_mistral.T).view(s, heads, hd), theta)
+    k_m = _rope_complex((x @ wk_mistral.T).view(s, heads, hd), theta)
+    q_h = _rope_half((x @ wq_hf.T).view(s, heads, hd), theta)
+    k_h = _rope_half((x @ wk_hf.T).view(s, heads, hd), theta)
+    torch.testing.assert_close(torch.einsum("shd,thd->hst", q_h, k_h), torch.einsum("shd,thd->hst", q_m, k_m))
+    assert torch.equal(rope_half_to_interleaved(wq_hf, hd), wq_mistral)
+
+
+def test_hf_to_mistral_and_back_is_exact(tmp_path):
+    hf = tiny_hf("mixtral", seed=4)
+    hf.save_pretrained(tmp_path / "hf", max_shard_size="30KB")
+    convert(tmp_path / "hf", tmp_path / "mistral", to="mistral")
+    params = json.loads((tmp_path / "mistral" / "params.json").read_text())
+    assert params["moe"] == {"num_experts_per_tok": 2, "num_experts": 4}
+    required = {"dim", "n_layers", "head_dim", "hidden_dim", "n_heads", "n_kv_heads", "norm_eps",
+                "vocab_size"}
+    assert required <= set(params)
+    with safe_open(tmp_path / "mistral" / "consolidated.safetensors", "pt") as f:
+        keys = set(f.keys())
+    assert {"tok_embeddings.weight", "output.weight", "layers.0.attention.wq.weight",
+            "layers.1.feed_forward.experts.3.w2.weight", "layers.0.feed_forward.gate.weight"} <= keys
+    ids = torch.randint(0, 96, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        assert (from_pretrained(tmp_path / "mistral")(ids).logits - ref).abs().max() <= 1e-4
+    convert(tmp_path / "mistral", tmp_path / "back", to="hf")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+    for name, t in hf.state_dict().items():
+        assert torch.equal(back.state_dict()[name], t), name
+    sharded = convert(tmp_path / "back", tmp_path / "mistral2", to="mistral", max_shard_size="30KB")
+    assert len(list(sharded.glob("consolidated-*-of-*.safetensors"))) > 1
+    single = from_pretrained(tmp_path / "mistral")
+    assert torch.equal(from_pretrained(sharded)(ids).logits, single(ids).logits)
+
+
+def test_convert_refuses_same_dir_and_unmappable_models(tmp_path):
+    hf = tiny_hf("olmoe")
+    hf.save_pretrained(tmp_path / "olmoe")
+    with pytest.raises(ValueError, match="destination other than the source"):
+        convert(tmp_path / "olmoe", tmp_path / "olmoe")
+    with pytest.raises(ValueError, match="cannot be written as HF 'mixtral'.*norm_topk_prob"):
+        convert(tmp_path / "olmoe", tmp_path / "m", to="mistral")
+    with pytest.raises(ValueError, match="to must be"):
+        convert(tmp_path / "olmoe", tmp_path / "m", to="gguf")
