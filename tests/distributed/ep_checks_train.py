@@ -53,3 +53,18 @@ def check_train(tmp: Path, data: str) -> None:
         for k, v in single_state.items():
             torch.testing.assert_close(ep_state[k], v, rtol=1e-7, atol=1e-9, msg=k)
     dist.barrier()
+
+
+def check_resume_across_sizes(tmp: Path) -> None:
+    """Continue the single-process run under EP (2 ranks) and the EP run in one process: the
+    checkpoints re-shard (weights and Adam state), and both give the same next losses."""
+    argv = ["train", "--out", str(tmp / "single"), "--resume", "--max-steps", "5", "--expert-parallel", "2",
+            "--no-progress"]
+    assert cli_main(argv) == 0
+    if dist.get_rank() == 0:
+        quiet = {"show_progress": False, "log": lambda *a: None}
+        train(tmp / "ep", train_changes={"max_steps": 5}, resume=True, **quiet)
+        a, b = losses(tmp / "single"), losses(tmp / "ep")
+        assert len(a) == len(b) == 5, (a, b)
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=2e-6, atol=0)
+    dist.barrier()

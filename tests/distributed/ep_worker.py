@@ -38,6 +38,7 @@ def main() -> None:
         ("layer_errors", lambda: layer_checks.check_errors(pg)),
         ("checkpoint", lambda: layer_checks.check_checkpoint(pg, tmp)),
         ("train", lambda: train_checks.check_train(tmp, data)),
+        ("resume", lambda: train_checks.check_resume_across_sizes(tmp)),
         ("dead_peer", lambda: comm_checks.check_dead_peer(rank)),
     ]
     for name, fn in sections:

@@ -70,5 +70,9 @@ def test_lm_training_under_ep_matches_single_process(run):
     passed(run, "train")
 
 
+def test_resume_changes_the_number_of_expert_shards(run):
+    passed(run, "resume")
+
+
 def test_dead_peer_fails_fast(run):
     passed(run, "dead_peer", ranks=(0,))
