@@ -83,11 +83,12 @@ def chat_loop(
     system: str | None = None,
     prompts: list[str] | None = None,
     read: Callable[[], str] | None = None,
-    out: TextIO = sys.stdout,
+    out: TextIO | None = None,
     **gen: Any,
 ) -> list[dict[str, Any]]:
     """Multi-turn chat. Turns come from ``prompts`` (one each) or, when None, from ``read()`` until
-    ``/exit`` or EOF. Returns the conversation."""
+    ``/exit`` or EOF; output goes to ``out`` (default stdout). Returns the conversation."""
+    out = out or sys.stdout
     messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
     interactive = prompts is None
     turns = iter(prompts or [])

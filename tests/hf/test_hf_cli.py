@@ -1,0 +1,73 @@
+"""`moekit generate --model PATH [--chat]` and `moekit convert`: replies equal transformers' greedy ones."""
+
+import io
+
+import pytest
+import torch
+
+from moekit.cli import main
+from moekit.hf import from_pretrained, load_tokenizer
+from moekit.hf.chat import chat_loop, stop_token_ids
+
+from .builders import tiny_hf, tiny_tokenizer
+from .test_hf_chat_template import CHATML
+
+transformers = pytest.importorskip("transformers")
+NEW = 12
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("chat-ckpt")
+    tok = tiny_tokenizer()
+    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                                  chat_template=CHATML)
+    hf = tiny_hf("mixtral", seed=5, vocab_size=tok.get_vocab_size(), max_position_embeddings=256,
+                 eos_token_id=hf_tok.eos_token_id)
+    hf.save_pretrained(path)
+    hf_tok.save_pretrained(path)
+    return path, hf, hf_tok
+
+
+def _hf_reply(hf, hf_tok, messages):
+    ids = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    ids = torch.tensor([list(ids)])
+    out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, do_sample=False,
+                      pad_token_id=0, eos_token_id=hf_tok.eos_token_id)[0, ids.shape[1]:]
+    return hf_tok.decode(out, skip_special_tokens=True)
+
+
+def test_chat_turn_from_cli_equals_transformers(ckpt, capsys):
+    path, hf, hf_tok = ckpt
+    expected = _hf_reply(hf, hf_tok, [{"role": "user", "content": "Hello, how are you?"}])
+    assert main(["generate", "--model", str(path), "--chat", "--prompt", "Hello, how are you?",
+                 "--temperature", "0", "--max-new-tokens", str(NEW)]) == 0
+    assert capsys.readouterr().out == f"> Hello, how are you?\n{expected}\n"
+
+
+def test_interactive_multi_turn(ckpt):
+    path, hf, hf_tok = ckpt
+    model, tok = from_pretrained(path), load_tokenizer(path)
+    lines = iter(["What is a mixture of experts?", "", "/reset", "Hello", "Thank you", "/exit", "never"])
+    out = io.StringIO()
+    messages = chat_loop(model, tok, stop_ids=stop_token_ids(path, model, tok), system="You are helpful.",
+                         read=lambda: next(lines), out=out, max_new_tokens=NEW, temperature=0.0)
+    assert "(conversation cleared)" in out.getvalue()
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant"]
+    assert messages[4]["content"] == _hf_reply(hf, hf_tok, messages[:4])  # the 2nd turn sees the 1st reply
+
+
+def test_plain_generate_and_convert_cli(ckpt, tmp_path, capsys):
+    path, hf, hf_tok = ckpt
+    assert main(["generate", "--model", str(path), "--prompt", "Hello", "--temperature", "0",
+                 "--max-new-tokens", "5"]) == 0
+    ids = torch.tensor([hf_tok.encode("Hello")])
+    new = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
+                      pad_token_id=0, eos_token_id=hf_tok.eos_token_id)[0, ids.shape[1]:]
+    assert capsys.readouterr().out == "Hello" + hf_tok.decode(new, skip_special_tokens=True) + "\n"
+    assert main(["convert", str(path), str(tmp_path / "m"), "--to", "mistral"]) == 0
+    assert (tmp_path / "m" / "params.json").is_file() and (tmp_path / "m" / "tokenizer.json").is_file()
+    assert main(["convert", str(tmp_path / "m"), str(tmp_path / "h"), "--max-shard-size", "40KB"]) == 0
+    assert (tmp_path / "h" / "model.safetensors.index.json").is_file()
+    assert main(["generate", "--prompt", "x"]) == 2
+    assert "needs RUN_DIR and --prompt (or --model PATH" in capsys.readouterr().err
