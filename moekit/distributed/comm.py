@@ -10,10 +10,47 @@ Shape legend: ``P`` ranks in the exchange group, ``N`` rows sent, ``M`` rows rec
 
 from __future__ import annotations
 
+import contextlib
+import time
+from collections.abc import Iterator
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.distributed import ProcessGroup
+
+
+class ExchangeTimer:
+    """Wall time spent in the token exchange (counts and payload, forward and backward).
+
+    Off by default (no cost); benchmarks set ``EXCHANGE_TIMER.enabled = True``. On CUDA each timed
+    call synchronises the device first and last, so the time is the collective's own.
+    """
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self.seconds = 0.0
+        self.calls = 0
+
+    def reset(self) -> None:
+        self.seconds, self.calls = 0.0, 0
+
+    @contextlib.contextmanager
+    def measure(self, t: Tensor) -> Iterator[None]:
+        if not self.enabled:
+            yield
+            return
+        if t.is_cuda:
+            torch.cuda.synchronize(t.device)
+        start = time.perf_counter()
+        yield
+        if t.is_cuda:
+            torch.cuda.synchronize(t.device)
+        self.seconds += time.perf_counter() - start
+        self.calls += 1
+
+
+EXCHANGE_TIMER = ExchangeTimer()
 
 
 def exchange_counts(send_counts: Tensor, group: ProcessGroup | None = None) -> Tensor:
@@ -31,7 +68,8 @@ def exchange_counts(send_counts: Tensor, group: ProcessGroup | None = None) -> T
         )
     send = send_counts.to(torch.int64).contiguous()
     recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=group)
+    with EXCHANGE_TIMER.measure(send):
+        dist.all_to_all_single(recv, send, group=group)
     return recv
 
 
@@ -41,7 +79,8 @@ class _AllToAll(torch.autograd.Function):
         ctx.splits = (out_splits, in_splits)
         ctx.group = group
         out = x.new_empty((sum(out_splits), *x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        with EXCHANGE_TIMER.measure(x):
+            dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
         return out
 
     @staticmethod
