@@ -60,12 +60,12 @@ def check_layer(overrides: dict, pg: G.ParallelGroups, tokens_per_rank: int = 13
     if "capacity_factor" in overrides:
         assert int(info_f.dropped) > 0, f"capacity case drops nothing: {what}"
     assert_close(x.grad / world, xf.grad[rows], **TOL, msg=f"input grad {what}")
-    per = cfg.num_experts // world
+    per = cfg.num_experts // pg.ep_size
     full_params = dict(full.named_parameters())
     for name, p in ep.named_parameters():
         ref = full_params[name].grad
         if name.startswith("experts."):
-            ref = ref[rank * per : (rank + 1) * per]
+            ref = ref[pg.ep_rank * per : (pg.ep_rank + 1) * per]
         assert_close(p.grad, ref, **TOL, msg=f"grad {name} {what}")
 
 

@@ -35,6 +35,8 @@ def main() -> None:
         ("timeout", lambda: comm_checks.check_timeout(rank)),
         *[(f"layer_{i}", lambda o=o: layer_checks.check_layer(o, pg))
           for i, o in enumerate(layer_checks.CONFIGS)],
+        # EP size 1 inside 2-way data parallelism: expert gradients summed over the expert-DP group.
+        ("layer_dp", lambda: layer_checks.check_layer({"router": "topk"}, G.new_expert_parallel_groups(1))),
         ("layer_errors", lambda: layer_checks.check_errors(pg)),
         ("checkpoint", lambda: layer_checks.check_checkpoint(pg, tmp)),
         ("train", lambda: train_checks.check_train(tmp, data)),

@@ -54,6 +54,10 @@ def test_ep_layer_forward_backward_equal_single_process_float64(run, case):
     passed(run, f"layer_{case}")
 
 
+def test_ep_inside_data_parallel_matches_single_process(run):
+    passed(run, "layer_dp")
+
+
 def test_num_experts_not_divisible_by_ep_size_raises(run):
     passed(run, "layer_errors")
 
