@@ -178,9 +178,11 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_info(args: argparse.Namespace) -> int:
     from moekit.models import get_preset
+
+    config = get_preset(args.preset)  # an unknown name fails here with the list of presets
     from moekit.models.info import describe
 
-    print(describe(get_preset(args.preset)))
+    print(describe(config))
     return 0
 
 

@@ -43,20 +43,20 @@ class TrainConfig:
         tokenizer_chars: characters of the training split used to train the tokenizer.
     """
 
-    max_steps: int = 300
+    max_steps: int = 150
     batch_size: int = 8
     seq_len: int = 256
     grad_accum: int = 1
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
-    warmup_steps: int = 30
+    warmup_steps: int = 15
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
-    eval_every: int = 100
+    eval_every: int = 50
     eval_batches: int = 8
-    save_every: int = 100
+    save_every: int = 50
     keep_last: int = 2
     log_every: int = 10
     seed: int = 0

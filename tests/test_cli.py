@@ -1,0 +1,130 @@
+"""The ``moekit`` command end to end, in subprocesses, on a micro model and a few KB of text."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from moekit.cli import main
+
+MICRO = ["--set", "hidden_size=32", "--set", "max_position_embeddings=64", "--set", "num_hidden_layers=2",
+         "--set", "intermediate_size=64", "--set", "num_experts=4", "--vocab-size", "300",
+         "--batch-size", "2", "--seq-len", "32", "--eval-batches", "1", "--no-progress"]
+LONG = "".join(chr(0x4E00 + 37 * i) for i in range(100))  # ~300 byte tokens > the micro context of 64
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+SNIPPET = "def add(a, b):\n    return a + b\n\nclass S:\n    def push(self, x):\n        self.it.append(x)\n"
+
+
+def moekit(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "moekit", *map(str, args)], capture_output=True, text=True,
+                          env=ENV, cwd=cwd, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    for i in range(10):
+        (root / f"f{i}.py").write_text(f"# {i}\n" + SNIPPET * (4 + i % 3), encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, data_dir):
+    out = tmp_path_factory.mktemp("runs") / "micro"
+    r = moekit("train", "--data", data_dir, "--out", out, "--max-steps", "3", *MICRO)
+    assert r.returncode == 0, r.stderr
+    assert f"run saved to {out}" in r.stdout and "step 3" in r.stdout
+    return out
+
+
+def test_train_writes_a_run(run_dir):
+    names = {p.name for p in run_dir.iterdir()}
+    assert {"run.json", "tokenizer.json", "metrics.jsonl", "data.safetensors", "checkpoints"} <= names
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["train_config"]["max_steps"] == 3 and info["model_config"]["num_experts"] == 4
+
+
+def test_generate_one_and_several_prompts(run_dir):
+    r = moekit("generate", run_dir, "--prompt", "def ", "--max-new-tokens", "6", "--temperature", "0")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("def ")
+
+
+
+def test_generate_a_batch_in_process(run_dir, capsys):
+    rc = main(["generate", str(run_dir), "--prompt", "class", "--prompt", "x =", "--max-new-tokens", "4",
+               "--seed", "3", "--top-k", "5", "--top-p", "0.9", "--stop", "\n\n"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "--- [0] ---\nclass" in out and "--- [1] ---\nx =" in out
+
+
+def test_info():
+    r = moekit("info", "--preset", "mixtral-8x7b")
+    assert r.returncode == 0, r.stderr
+    assert "46,702,792,704" in r.stdout or "46702792704" in r.stdout
+
+
+def test_errors_are_clear_and_touch_nothing(run_dir, data_dir, tmp_path, capsys):
+    before = sorted((str(p), p.stat().st_mtime_ns) for p in run_dir.rglob("*"))
+    cases = [
+        (["train", "--data", str(data_dir), "--out", str(run_dir), "--max-steps", "3", *MICRO],
+         "not empty; pass --resume"),
+        (["train", "--out", str(run_dir), "--resume", "--preset", "small"], "cannot resume"),
+        (["train", "--out", str(run_dir), "--resume", "--lr", "0.5"], "lr: run has"),
+        (["train", "--resume"], "--resume needs --out"),
+        (["generate", str(data_dir), "--prompt", "x"], "is not a moekit run"),
+        (["generate", str(run_dir), "--prompt", LONG, "--max-new-tokens", "1"], "prompt"),
+        (["train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), *MICRO],
+         "no such file or directory"),
+        (["train", "--set", "bogus=1", "--out", str(tmp_path / "o")], "bogus"),
+        (["info", "--preset", "huge"], "unknown preset"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("moekit: error:") and message in err, (argv, err)
+    assert sorted((str(p), p.stat().st_mtime_ns) for p in run_dir.rglob("*")) == before
+    assert not (tmp_path / "o").exists()
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_continues(data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--data", str(data_dir), "--out", str(out), "--max-steps", "100000", "--log-every", "1",
+            "--save-every", "0", *MICRO]
+    proc = subprocess.Popen([sys.executable, "-m", "moekit", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "interrupted at step" in stderr + stdout
+    saved = sorted((out / "checkpoints").iterdir())
+    assert len(saved) == 1
+    step = int(saved[0].name.split("_")[1])
+    assert main(["train", "--out", str(out), "--resume", "--max-steps", str(step + 2), "--no-progress"]) == 0
+    stdout = capsys.readouterr().out
+    assert f"resuming {out} from step {step}" in stdout and f"step {step + 2}" in stdout
+
+
+def test_make_run_command_with_fewer_steps(tmp_path):
+    """`make run` is `moekit train` with every default; here with 3 steps, 2 validation batches, an --out."""
+    exe = Path(sys.executable).with_name("moekit")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "moekit"]
+    args = ["train", "--max-steps", "3", "--eval-batches", "2", "--out", str(tmp_path / "run")]
+    r = subprocess.run([*cmd, *args], capture_output=True, text=True, env=ENV, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "corpus stdlib:" in r.stdout and f"run saved to {tmp_path / 'run'}" in r.stdout
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["model_config"]["hidden_size"] == 256 and info["data"]["source"].startswith("stdlib:")
