@@ -63,10 +63,37 @@ class Experts(nn.Module):
         """``(S, D)`` sorted rows, ``(E,)`` counts -> ``(S, D)`` expert outputs (same order)."""
         h_SH = grouped_mm(x_SD, self.in_proj, counts_E, self.backend)
         if self.gated:
-            h_SF = self.act_fn(h_SH[:, : self.intermediate_size]) * h_SH[:, self.intermediate_size :]
+            gate_SF, up_SF = h_SH[:, : self.intermediate_size], h_SH[:, self.intermediate_size :]
+            if torch.is_grad_enabled():
+                h_SF = self.act_fn(gate_SF) * up_SF
+            else:  # inference: one temporary fewer
+                h_SF = self.act_fn(gate_SF).mul_(up_SF)
         else:
             h_SF = self.act_fn(h_SH)
         return grouped_mm(h_SF, self.down_proj, counts_E, self.backend)
+
+    def forward_slots(self, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor) -> Tensor:
+        """Small-batch path: ``y_TD[t] = sum_k weights_TK[t, k] * expert_{ids_TK[t, k]}(x_TD[t])``.
+
+        A host-side loop over the ``T * K`` slots on weight views: no sort, no gather of weights.
+        Meant for CPU decode steps (``T`` = batch size), where reading ``ids_TK`` costs nothing.
+        Every id must be a valid expert (no ``-1``).
+        """
+        inter = self.intermediate_size
+        in_proj, down_proj = self.in_proj, self.down_proj
+        weights_TK = weights_TK.to(x_TD.dtype)
+        rows = []
+        for t, experts in enumerate(ids_TK.tolist()):
+            x_1D = x_TD[t : t + 1]
+            y_1D = None
+            for k, expert in enumerate(experts):
+                h_1H = torch.mm(x_1D, in_proj[expert].T)
+                h_1F = self.act_fn(h_1H[:, :inter]) * h_1H[:, inter:] if self.gated else self.act_fn(h_1H)
+                h_1F = h_1F * weights_TK[t : t + 1, k : k + 1]
+                w_DF = down_proj[expert]
+                y_1D = torch.mm(h_1F, w_DF.T) if y_1D is None else torch.addmm(y_1D, h_1F, w_DF.T)
+            rows.append(y_1D)
+        return rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
 
     def extra_repr(self) -> str:
         d = self.down_proj.shape

@@ -20,6 +20,8 @@ from moekit.core.losses import BalanceStats, expert_counts, load_balancing_loss,
 from moekit.core.router import SigmoidBiasRouter, build_router
 from moekit.core.types import MoEOutput, RouterOutput, RoutingInfo
 
+SLOT_PATH_MAX_SLOTS = 8
+
 
 class MoE(nn.Module):
     """Sparse Mixture-of-Experts feed-forward layer configured by :class:`MoEConfig`.
@@ -69,14 +71,22 @@ class MoE(nn.Module):
             )
         x_TD = x.reshape(-1, config.hidden_size)
         num_tokens = x_TD.shape[0]
-        if num_tokens == 0:
+        # A collective (expert-parallel) dispatcher must join its peers' exchange even with no tokens.
+        if num_tokens == 0 and not getattr(self.dispatcher, "collective", False):
             return MoEOutput(torch.zeros_like(x), self._empty_info(x))
 
         routing = self.gate(x_TD)
         capacity = None if config.router == "expert_choice" else config.capacity(num_tokens, self.training)
-        x_SD, counts_E, meta = self.dispatcher.dispatch(x_TD, routing, capacity)
-        y_SD = self.experts(x_SD, counts_E)
-        y_TD = self.dispatcher.combine(y_SD, routing.weights_TK, meta)
+        if self._use_slot_path(routing, capacity):
+            y_TD = self.experts.forward_slots(x_TD, routing.ids_TK, routing.weights_TK)
+            kept_TK = torch.ones_like(routing.ids_TK, dtype=torch.bool)
+            counts_E = torch.bincount(routing.ids_TK.reshape(-1), minlength=config.num_experts)
+        else:
+            x_SD, counts_E, meta = self.dispatcher.dispatch(x_TD, routing, capacity)
+            y_SD = self.experts(x_SD, counts_E)
+            y_TD = self.dispatcher.combine(y_SD, routing.weights_TK, meta)
+            # meta.counts_E: (E,) this rank's computed slots per global expert, also under expert parallelism.
+            kept_TK, counts_E = meta.kept_TK, meta.counts_E
         if config.routed_scaling_factor != 1.0:
             y_TD = y_TD * config.routed_scaling_factor
         if config.shared_expert_intermediate_size > 0:
@@ -84,12 +94,29 @@ class MoE(nn.Module):
             if self.shared_expert_gate is not None:
                 shared_TD = torch.sigmoid(self.shared_expert_gate(x_TD)) * shared_TD
             y_TD = y_TD + shared_TD
-        # meta.counts_E: (E,) this rank's computed slots per global expert, also under expert parallelism.
-        info = self._routing_info(routing, meta.kept_TK, meta.counts_E)
+        info = self._routing_info(routing, kept_TK, counts_E)
         return MoEOutput(y_TD.reshape(x.shape).to(x.dtype), info)
+
+    def _use_slot_path(self, routing: RouterOutput, capacity: int | None) -> bool:
+        """Small CPU batches (decode steps) skip sort/dispatch: see ``Experts.forward_slots``."""
+        return (
+            routing.ids_TK.numel() <= SLOT_PATH_MAX_SLOTS
+            and routing.ids_TK.device.type == "cpu"
+            and capacity is None
+            and not routing.may_skip
+            and self.config.backend == "grouped"
+            and type(self.dispatcher) is Dispatcher
+        )
 
     def _routing_info(self, routing: RouterOutput, kept_TK: Tensor, counts_E: Tensor) -> RoutingInfo:
         config = self.config
+        num_routed = (routing.ids_TK >= 0).sum() if routing.may_skip else routing.ids_TK.numel()
+        if not self.training and not torch.is_grad_enabled():
+            # Inference: no losses to train on; skip their cost (moekit.core.losses computes them
+            # from router_logits when wanted).
+            zero = torch.zeros((), device=counts_E.device)
+            return RoutingInfo(zero, {}, counts_E, num_routed - counts_E.sum(), routing.logits_TE,
+                               routing.ids_TK, routing.weights_TK, kept_TK)
         routed_E = expert_counts(routing.ids_TK, config.num_experts)
         if self.balance_stats is not None and self.training:
             routed_E = self.balance_stats.add(routed_E)
@@ -101,7 +128,6 @@ class MoE(nn.Module):
         else:
             balance = losses["load_balancing"]
         aux_loss = config.router_aux_loss_coef * balance + config.router_z_loss_coef * losses["z"]
-        num_routed = (routing.ids_TK >= 0).sum() if routing.may_skip else routing.ids_TK.numel()
         return RoutingInfo(
             aux_loss=aux_loss,
             losses=losses,

@@ -1,11 +1,13 @@
 """The ``grouped`` backend: one grouped GEMM where torch has it, cheap fallbacks elsewhere.
 
 Strategy, picked per call without a host sync on the ``grouped_mm`` path:
-- a few rows (``S <= GATHER_MAX_ROWS`` on CUDA): gather each row's expert weight and ``bmm``; no sort
-  or offsets needed and it stays CUDA-graph friendly (decode steps run ``T = batch`` tokens);
+- a few rows (``S <= GATHER_MAX_ROWS`` on CUDA): gather each row's expert weight and ``bmm``; no
+  offsets and no host sync, CUDA-graph friendly (decode steps run ``T = batch`` tokens);
 - ``torch.nn.functional.grouped_mm`` when it exists and accepts the dtype (fp32/bf16/fp16) and the
-  16-byte stride/alignment rule;
-- otherwise a loop over the non-empty contiguous groups (float64 lands here).
+  16-byte stride/alignment rule (on CPU only from ``CPU_GROUPED_MM_MIN_ROWS`` rows: torch's CPU kernel
+  loops over every expert, empty ones included, so the loop below wins for a few rows);
+- otherwise a loop over the non-empty contiguous groups (float64 lands here). Host reads of the
+  counts cost nothing on CPU.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 GATHER_MAX_ROWS = 4
+CPU_GROUPED_MM_MIN_ROWS = 64
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -37,9 +40,18 @@ def grouped_mm_supported(x_SI: Tensor, w_EOI: Tensor) -> bool:
 
 def grouped_mm_loop(x_SI: Tensor, w_EOI: Tensor, counts_E: Tensor) -> Tensor:
     """Loop over the non-empty groups only (one host read of the counts)."""
+    counts = counts_E.tolist()
+    if not torch.is_grad_enabled() or not (x_SI.requires_grad or w_EOI.requires_grad):
+        out = x_SI.new_empty(x_SI.shape[0], w_EOI.shape[1])
+        start = 0
+        for expert, count in enumerate(counts):
+            if count:
+                torch.mm(x_SI[start : start + count], w_EOI[expert].T, out=out[start : start + count])
+                start += count
+        return out
     pieces = [x_SI.new_empty(0, w_EOI.shape[1])]
     start = 0
-    for expert, count in enumerate(counts_E.tolist()):
+    for expert, count in enumerate(counts):
         if count:
             pieces.append(x_SI[start : start + count] @ w_EOI[expert].T)
             start += count
@@ -59,7 +71,8 @@ def grouped_mm_grouped(x_SI: Tensor, w_EOI: Tensor, counts_E: Tensor) -> Tensor:
     """``y_SO[s] = x_SI[s] @ w_EOI[expert(s)].T`` with rows grouped by expert in order."""
     if x_SI.device.type == "cuda" and x_SI.shape[0] <= GATHER_MAX_ROWS:
         return grouped_mm_gathered(x_SI, w_EOI, counts_E)
-    if grouped_mm_supported(x_SI, w_EOI):
+    large = x_SI.device.type != "cpu" or x_SI.shape[0] >= CPU_GROUPED_MM_MIN_ROWS
+    if large and grouped_mm_supported(x_SI, w_EOI):
         offsets_E = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
         return F.grouped_mm(x_SI, w_EOI.transpose(-2, -1), offs=offsets_E)
     return grouped_mm_loop(x_SI, w_EOI, counts_E)

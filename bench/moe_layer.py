@@ -1,0 +1,169 @@
+"""Benchmark: moekit.MoE against transformers' MixtralSparseMoeBlock (eager and grouped_mm experts).
+
+One run times every implementation on the same weights and inputs, interleaved round by round, and
+prints medians and ratios (contention on shared machines hits both sides alike).
+
+    python bench/moe_layer.py                 # CPU: D=256, F=512, E=8, k=2, fp32, T in {1, 64, 2048}
+    python bench/moe_layer.py --device cuda   # Mixtral-8x7B shapes, bf16, T up to 16384, plus the floor
+
+On CUDA the floor is ``max(FLOPs / peak, bytes / bandwidth)`` with the bf16 matmul peak and the copy
+bandwidth measured in the same run. transformers is a benchmark dependency only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from moekit import MoE, MoEConfig
+
+CPU_SHAPES = dict(hidden=256, inter=512, experts=8, top_k=2, tokens=(1, 64, 2048), dtype=torch.float32)
+CUDA_SHAPES = dict(hidden=4096, inter=14336, experts=8, top_k=2,
+                   tokens=(1, 8, 64, 512, 2048, 8192, 16384), dtype=torch.bfloat16)
+
+
+def build(shapes: dict, device: str, backend: str) -> dict[str, torch.nn.Module]:
+    """moekit and both transformers variants sharing one set of weights."""
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    torch.manual_seed(0)
+    ours = MoE(MoEConfig(hidden_size=shapes["hidden"], intermediate_size=shapes["inter"],
+                         num_experts=shapes["experts"], top_k=shapes["top_k"], backend=backend))
+    ours = ours.to(device=device, dtype=shapes["dtype"]).eval()
+    modules: dict[str, torch.nn.Module] = {"moekit": ours}
+    for impl in ("eager", "grouped_mm"):
+        config = MixtralConfig(hidden_size=shapes["hidden"], intermediate_size=shapes["inter"],
+                               num_local_experts=shapes["experts"], num_experts_per_tok=shapes["top_k"])
+        config = copy.deepcopy(config)
+        config._experts_implementation = impl
+        block = MixtralSparseMoeBlock(config).to(device=device, dtype=shapes["dtype"]).eval()
+        block.load_state_dict(ours.state_dict())
+        modules[f"hf_{impl}"] = block
+    return modules
+
+
+def forward_fn(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = module(x)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_call(fn: Callable[[], object], device: str, repeat: int) -> float:
+    """Seconds per call, averaged over ``repeat`` back-to-back calls."""
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    sync(device)
+    return (time.perf_counter() - start) / repeat
+
+
+def measure(modules: dict[str, torch.nn.Module], x: torch.Tensor, backward: bool, rounds: int,
+            device: str) -> dict[str, float]:
+    """Median milliseconds per call of each module, interleaving the modules round by round."""
+    grad = torch.randn_like(x)
+
+    def make(module: torch.nn.Module) -> Callable[[], object]:
+        if not backward:
+            def run() -> object:
+                with torch.no_grad():
+                    return forward_fn(module, x)
+            return run
+
+        def run_bwd() -> object:
+            xg = x.detach().requires_grad_(True)
+            forward_fn(module, xg).backward(grad)
+            return xg.grad
+        return run_bwd
+
+    calls = {name: make(m) for name, m in modules.items()}
+    one = {name: time_call(fn, device, 1) for name, fn in calls.items()}  # warm-up, sizes the repeat
+    repeat = {name: max(1, int(0.02 / max(t, 1e-6))) for name, t in one.items()}
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, fn in calls.items():
+            samples[name].append(time_call(fn, device, repeat[name]))
+    return {name: statistics.median(s) * 1e3 for name, s in samples.items()}
+
+
+def check_parity(modules: dict[str, torch.nn.Module], x: torch.Tensor) -> float:
+    with torch.no_grad():
+        ours = forward_fn(modules["moekit"], x).float()
+        ref = forward_fn(modules["hf_eager"], x).float()
+    return float((ours - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def device_peaks(dtype: torch.dtype) -> tuple[float, float]:
+    """Measured (matmul FLOP/s, copy bytes/s) on the current CUDA device."""
+    n = 8192
+    a, b = torch.randn(n, n, device="cuda", dtype=dtype), torch.randn(n, n, device="cuda", dtype=dtype)
+    seconds = min(time_call(lambda: a @ b, "cuda", 10) for _ in range(3))
+    flops = 2 * n**3 / seconds
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    seconds = min(time_call(lambda: dst.copy_(src), "cuda", 10) for _ in range(3))
+    return flops, 2 * src.numel() / seconds
+
+
+def floor_ms(shapes: dict, num_tokens: int, experts_hit: int, flops: float, bandwidth: float) -> float:
+    d, f, k = shapes["hidden"], shapes["inter"], shapes["top_k"]
+    size = torch.finfo(shapes["dtype"]).bits // 8
+    work = 2 * num_tokens * k * 3 * d * f
+    traffic = experts_hit * 3 * d * f * size + 2 * num_tokens * d * size
+    return max(work / flops, traffic / bandwidth) * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--backend", default="grouped")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--tokens", type=int, nargs="*", help="override the token counts")
+    args = parser.parse_args()
+    shapes = dict(CUDA_SHAPES if args.device == "cuda" else CPU_SHAPES)
+    if args.tokens:
+        shapes["tokens"] = tuple(args.tokens)
+    modules = build(shapes, args.device, args.backend)
+    print(f"# device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} "
+          f"D={shapes['hidden']} F={shapes['inter']} E={shapes['experts']} k={shapes['top_k']} "
+          f"dtype={shapes['dtype']} backend={args.backend}")
+    peaks = device_peaks(shapes["dtype"]) if args.device == "cuda" else None
+    if peaks:
+        print(f"# measured peak {peaks[0] / 1e12:.1f} TFLOP/s, copy bandwidth {peaks[1] / 1e9:.0f} GB/s")
+    header = "| pass | T | moekit ms | hf eager ms | hf grouped_mm ms | eager / moekit | grouped_mm / moekit |"
+    if peaks:
+        header += " floor ms | moekit / floor |"
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for num_tokens in shapes["tokens"]:
+        x = torch.randn(1, num_tokens, shapes["hidden"], device=args.device, dtype=shapes["dtype"])
+        error = check_parity(modules, x)
+        assert error < (1e-5 if shapes["dtype"] == torch.float32 else 2e-2), f"parity error {error}"
+        for backward in (False, True):
+            ms = measure(modules, x, backward, args.rounds, args.device)
+            row = (f"| {'fwd+bwd' if backward else 'fwd'} | {num_tokens} | {ms['moekit']:.3f} | "
+                   f"{ms['hf_eager']:.3f} | {ms['hf_grouped_mm']:.3f} | {ms['hf_eager'] / ms['moekit']:.2f} | "
+                   f"{ms['hf_grouped_mm'] / ms['moekit']:.2f} |")
+            if peaks and not backward:
+                with torch.no_grad():
+                    _, info = modules["moekit"](x)
+                hit = int((info.tokens_per_expert > 0).sum())
+                floor = floor_ms(shapes, num_tokens, hit, *peaks)
+                row += f" {floor:.3f} | {ms['moekit'] / floor:.2f} |"
+            elif peaks:
+                row += " | |"
+            print(row, flush=True)
+
+
+if __name__ == "__main__":
+    main()
