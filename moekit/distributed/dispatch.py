@@ -85,6 +85,8 @@ class ExpertParallelDispatcher:
             batch would; ``None`` keeps the capacity given to :meth:`dispatch`.
     """
 
+    collective = True  # every rank of the group must call dispatch/combine, even with T = 0
+
     def __init__(
         self,
         num_experts: int,
@@ -158,4 +160,6 @@ class ExpertParallelDispatcher:
         """Return each row to the rank that owns its token and take the weighted sum there, ``(T, D)``."""
         y_RD = torch.empty_like(y_MD).index_copy(0, meta.regroup_M, y_MD)
         y_SD = all_to_all(y_RD, meta.send_splits, meta.recv_splits, self.group)
+        if meta.num_tokens == 0:  # stay on the autograd graph: the backward exchange needs every rank
+            return y_SD[:0]
         return self.local.combine(y_SD, weights_TK, meta)

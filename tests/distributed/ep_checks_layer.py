@@ -111,3 +111,20 @@ def check_checkpoint(pg: G.ParallelGroups, tmp: Path) -> None:
     for k, v in ep.state_dict().items():
         assert torch.equal(again.state_dict()[k], v), k
     assert torch.equal(again.eval()(x_all[rows]).output, y_ep)
+
+
+def check_zero_tokens(pg: G.ParallelGroups) -> None:
+    """A rank with no tokens still joins the exchange: no hang, and the other rank's result is exact."""
+    cfg = MoEConfig(hidden_size=12, intermediate_size=16, num_experts=8, top_k=2, capacity_factor=1.0)
+    torch.manual_seed(4)
+    full = MoE(cfg).double().train()
+    ep = parallelize_moe(copy.deepcopy(full), pg)
+    x_all = torch.randn(7, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    x = (x_all if pg.rank == 0 else x_all[:0]).clone().requires_grad_()
+    y, info = ep(x)
+    y.sum().backward()
+    assert y.shape == x.shape and info.tokens_per_expert.shape == (8,)
+    sync_gradients(ep, pg)
+    if pg.rank == 0:
+        y_ref, _ = full(x_all)
+        assert_close(y, y_ref.detach(), **TOL)

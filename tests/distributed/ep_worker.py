@@ -38,6 +38,7 @@ def main() -> None:
         # EP size 1 inside 2-way data parallelism: expert gradients summed over the expert-DP group.
         ("layer_dp", lambda: layer_checks.check_layer({"router": "topk"}, G.new_expert_parallel_groups(1))),
         ("layer_errors", lambda: layer_checks.check_errors(pg)),
+        ("zero_tokens", lambda: layer_checks.check_zero_tokens(pg)),
         ("checkpoint", lambda: layer_checks.check_checkpoint(pg, tmp)),
         ("train", lambda: train_checks.check_train(tmp, data)),
         ("resume", lambda: train_checks.check_resume_across_sizes(tmp)),

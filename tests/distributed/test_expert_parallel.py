@@ -62,6 +62,10 @@ def test_num_experts_not_divisible_by_ep_size_raises(run):
     passed(run, "layer_errors")
 
 
+def test_rank_without_tokens_joins_the_exchange(run):
+    passed(run, "zero_tokens")
+
+
 def test_sharded_checkpoint_round_trip_2_1_2(run):
     passed(run, "checkpoint")
     for name in ("two", "one"):
