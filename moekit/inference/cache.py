@@ -17,10 +17,10 @@ import torch
 from torch import Tensor
 
 from moekit.models.config import ModelConfig
-from moekit.models.layers import sliding_window_mask
+from moekit.models.layers import additive_mask, sliding_window_mask
 
 # Above this many mask elements (B * P * P) the mask is built per call instead of once.
-_MAX_PRECOMPUTED_MASK = 1 << 24
+_MAX_PRECOMPUTED_MASK = 1 << 22
 
 
 class StaticKVCache:
@@ -51,7 +51,7 @@ class StaticKVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.batch_size, self.max_length, self.window = batch_size, max_length, config.sliding_window
-        self.device = torch.device(device)
+        self.device, self.dtype = torch.device(device), dtype
         self.set_padding(pad_lengths)
 
     def set_padding(self, pad_lengths: Sequence[int] | None) -> None:
@@ -74,13 +74,13 @@ class StaticKVCache:
             self._mask = self._build_mask(slots)  # (B or 1, 1, P, P)
 
     def _build_mask(self, q_slots: Tensor) -> Tensor:
-        """Boolean ``(B or 1, 1, S, P)``: causal, windowed, padding slots hidden (a query sees itself)."""
+        """Additive ``(B or 1, 1, S, P)``: causal, windowed, padding slots hidden (a query sees itself)."""
         k_slots = torch.arange(self.max_length, device=self.device)
         mask = sliding_window_mask(q_slots, k_slots, self.window)[None, None]  # (1, 1, S, P)
         if self.pad.shape[0] > 1 or bool(self.pad.any()):
             valid = (k_slots[None, :] >= self.pad)[:, None, None, :]  # (B, 1, 1, P)
             mask = mask & (valid | (q_slots[:, None] == k_slots[None, :]))
-        return mask
+        return additive_mask(mask, self.dtype)
 
     def positions_and_mask(self, input_pos: Tensor) -> tuple[Tensor, Tensor]:
         """Rotary positions ``(B or 1, S)`` and mask ``(B or 1, 1, S, P)`` of slots ``input_pos (S,)``."""

@@ -21,7 +21,7 @@ TokenCallback = Callable[[int, int], "bool | None"]
 
 @torch.no_grad()
 def prefill(model: MoEForCausalLM, input_ids: Tensor, kv_cache: StaticKVCache, input_pos: Tensor) -> Tensor:
-    """Run the prompt ``input_ids (B, S)`` into slots ``input_pos (S,)``; last position's logits ``(B, V)``."""
+    """Run the prompt ``input_ids (B, S)`` into slots ``input_pos (S,)``; last logits ``(B, V)``."""
     hidden, _ = model.model(input_ids, kv_cache=kv_cache, input_pos=input_pos)
     return model.lm_head(hidden[:, -1]).float()
 

@@ -67,12 +67,21 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 def sliding_window_mask(q_pos: Tensor, k_pos: Tensor, window: int | None) -> Tensor:
-    """Boolean ``(..., S, P)``: key ``j`` is visible from query ``i`` iff ``j <= i`` and ``i - j < window``."""
+    """Boolean ``(..., S, P)``: key ``j`` visible from query ``i`` iff ``j <= i`` and ``i - j < window``."""
     diff = q_pos[..., :, None] - k_pos[..., None, :]
     mask = diff >= 0
     if window is not None:
         mask = mask & (diff < window)
     return mask
+
+
+def additive_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """Boolean mask (True = attend) -> additive ``0 / -inf`` mask of ``dtype``.
+
+    SDPA's CPU flash kernel takes additive masks on a fast path; with boolean masks it can be
+    orders of magnitude slower when several threads are busy, so the model always passes these.
+    """
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
 class Attention(nn.Module):
@@ -110,7 +119,8 @@ class Attention(nn.Module):
 
         Args:
             cos, sin: rotary tables for the S positions, ``(B or 1, S, 1, hd // 2)``.
-            mask: boolean ``(B or 1, 1, S, P)`` (True = attend) or ``None`` for plain causal.
+            mask: additive float ``(B or 1, 1, S, P)`` (0 = attend, -inf = not) or ``None`` for
+                plain causal attention.
             kv: the layer's cache ``(k, v)``, each ``(B, KV, P, hd)``; the new keys/values are
                 written at slots ``input_pos (S,)`` and attention runs over all P slots.
         """

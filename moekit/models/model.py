@@ -17,7 +17,14 @@ from torch import Tensor, nn
 
 from moekit.core.types import RoutingInfo
 from moekit.models.config import ModelConfig
-from moekit.models.layers import Attention, DenseMLP, RMSNorm, RotaryEmbedding, sliding_window_mask
+from moekit.models.layers import (
+    Attention,
+    DenseMLP,
+    RMSNorm,
+    RotaryEmbedding,
+    additive_mask,
+    sliding_window_mask,
+)
 
 if TYPE_CHECKING:
     from moekit.inference.cache import StaticKVCache
@@ -113,7 +120,10 @@ class MoEModel(nn.Module):
             if limit < S:
                 raise ValueError(f"sequence length {S} exceeds max_position_embeddings={limit}")
             window = self.config.sliding_window
-            mask = None if window is None or window >= S else sliding_window_mask(pos, pos, window)
+            if window is None or window >= S:
+                mask = None
+            else:
+                mask = additive_mask(sliding_window_mask(pos, pos, window), x.dtype)
         cos, sin = cos_t[pos].unsqueeze(-2), sin_t[pos].unsqueeze(-2)  # (B or 1, S, 1, hd/2)
         if cos.dim() == 3:
             cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)

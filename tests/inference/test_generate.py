@@ -1,0 +1,149 @@
+"""generate / generate_text: greedy = argmax of full recomputation, batch = single, stops, streaming."""
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from moekit.inference import generate, generate_text
+from moekit.models import ModelConfig, MoEForCausalLM
+
+
+def make_model(seed=0, **kw):
+    base = dict(
+        vocab_size=40,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=48,
+        num_experts=4,
+        top_k=2,
+        max_position_embeddings=48,
+        rope_theta=1e4,
+    )
+    base.update(kw)
+    torch.manual_seed(seed)
+    model = MoEForCausalLM(ModelConfig(**base)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.3)
+    return model
+
+
+def greedy_without_cache(model, prompt, n):
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+    return seq[len(prompt) :]
+
+
+def test_greedy_equals_full_recomputation():
+    model = make_model(sliding_window=5)
+    prompt = [3, 17, 5, 9, 22, 1, 30]
+    assert generate(model, [prompt], 12) == [greedy_without_cache(model, prompt, 12)]
+
+
+@pytest.mark.parametrize("sampling", [dict(), dict(temperature=0.9, top_k=20, top_p=0.95, seed=11)])
+def test_batch_equals_single_prompts(sampling):
+    model = make_model()
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    batch = generate(model, prompts, 10, **sampling)
+    for b, p in enumerate(prompts):
+        single = dict(sampling, seed=sampling["seed"] + b) if "seed" in sampling else sampling
+        assert generate(model, [p], 10, **single) == [batch[b]]
+
+
+def test_seeded_sampling_is_reproducible_and_seed_dependent():
+    model = make_model()
+    runs = [generate(model, [[1, 2, 3]], 15, temperature=1.5, seed=s) for s in (0, 0, 1)]
+    assert runs[0] == runs[1] and runs[0] != runs[2]
+
+
+def test_stop_token_ids_and_streaming():
+    model = make_model()
+    full = generate(model, [[4, 5, 6]], 12)[0]
+    stop = full[4]
+    first = full.index(stop)
+    seen = []
+    got = generate(
+        model, [[4, 5, 6]], 12, stop_token_ids=[stop], on_token=lambda row, t: seen.append((row, t))
+    )
+    assert got == [full[:first]]
+    assert seen == [(0, t) for t in full[:first]]
+
+
+def test_eos_from_config_is_the_default_stop():
+    model = make_model()
+    full = generate(model, [[4, 5, 6]], 12)[0]
+    model_eos = make_model(eos_token_id=full[2])
+    assert generate(model_eos, [[4, 5, 6]], 12) == [full[: full.index(full[2])]]
+    assert generate(model_eos, [[4, 5, 6]], 12, stop_token_ids=[]) == [full]
+
+
+def test_callback_can_stop_a_row_and_others_go_on():
+    model = make_model()
+    out = generate(model, [[1, 2], [3, 4]], 8, on_token=lambda row, t: row == 0)
+    assert len(out[0]) == 1 and len(out[1]) == 8
+
+
+def test_training_mode_is_restored():
+    model = make_model().train()
+    generate(model, [[1, 2]], 2)
+    assert model.training
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (([[1] * 40], 10), "exceeds the context"),
+        (([], 3), "non-empty list"),
+        (([[]], 3), r"prompt_ids\[0\]"),
+        (([[1, 99]], 3), "vocab_size"),
+        (([[1]], 0), "max_new_tokens"),
+    ],
+)
+def test_generate_errors(args, match):
+    with pytest.raises(ValueError, match=match):
+        generate(make_model(), *args)
+
+
+def word_tokenizer():
+    vocab = {w: i for i, w in enumerate(["[UNK]"] + [f"w{i}" for i in range(39)])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return tok
+
+
+def test_generate_text_streams_and_cuts_at_stop_strings():
+    model, tok = make_model(), word_tokenizer()
+    ids = generate(model, [tok.encode("w1 w2 w3").ids], 10)[0]
+    text = tok.decode(ids)
+    assert generate_text(model, tok, "w1 w2 w3", 10) == [text]
+    words = text.split(" ")
+    stop = " ".join(words[3:5])  # a two-word stop string from the middle of the text
+    cut = text[: text.index(stop)]
+    pieces = []
+    got = generate_text(
+        model,
+        tok,
+        ["w1 w2 w3", "w7"],
+        10,
+        stop=[stop, "never-there"],
+        stream=lambda row, s: pieces.append((row, s)),
+    )
+    assert got[0] == cut
+    assert "".join(s for row, s in pieces if row == 0) == cut
+    assert "".join(s for row, s in pieces if row == 1) == got[1]
+    assert got[1] == generate_text(model, tok, "w7", 10, stop=[stop, "never-there"])[0]
+
+
+def test_generate_text_errors():
+    model, tok = make_model(), word_tokenizer()
+    with pytest.raises(ValueError, match="prompts"):
+        generate_text(model, tok, [], 3)
+    with pytest.raises(ValueError, match="stop"):
+        generate_text(model, tok, "w1", 3, stop=[""])
+    with pytest.raises(ValueError, match="no tokens"):
+        generate_text(model, tok, "", 3)

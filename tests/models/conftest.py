@@ -1,0 +1,13 @@
+"""One intra-op thread per test: the suite runs under ``pytest -n 2`` on 2 cores, and tiny models with
+two OpenMP threads each spend most of their time in thread barriers when the cores are busy."""
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -1,0 +1,136 @@
+"""MoEForCausalLM: outputs, loss, aux loss, layer layout, tied head, parameter counts, errors."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import moekit
+from moekit.models import ModelConfig, MoEForCausalLM, get_preset
+
+
+def cfg(**kw):
+    base = dict(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=48,
+        moe_intermediate_size=40,
+        num_experts=4,
+        top_k=2,
+        max_position_embeddings=32,
+    )
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def test_mixtral_8x7b_parameter_counts_on_meta():
+    with torch.device("meta"):
+        model = MoEForCausalLM(get_preset("mixtral-8x7b"))
+    assert model.num_parameters() == 46_702_792_704
+    assert model.num_parameters(active=True) == 12_879_925_248
+
+
+def test_forward_outputs_and_loss():
+    torch.manual_seed(0)
+    model = MoEForCausalLM(cfg())
+    ids = torch.randint(0, 64, (2, 11))
+    labels = ids.clone()
+    labels[0, 5] = -100
+    out = model(ids, labels=labels, output_routing=True)
+    assert out.logits.shape == (2, 11, 64) and out.logits.dtype == torch.float32
+    ref = F.cross_entropy(out.logits[:, :-1].reshape(-1, 64), labels[:, 1:].reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(out.loss, ref)
+    assert len(out.routing) == 3 and all(r.expert_ids.shape == (22, 2) for r in out.routing)
+    torch.testing.assert_close(out.aux_loss, sum(r.aux_loss for r in out.routing))
+    (out.loss + out.aux_loss).backward()
+    assert model.model.layers[0].mlp.gate.weight.grad is not None
+    assert model(ids).loss is None and model(ids).routing is None
+
+
+def test_moe_layers_are_moekit_moe_and_layout_follows_config():
+    model = MoEForCausalLM(cfg(num_hidden_layers=4, decoder_sparse_step=2))
+    kinds = [type(layer.mlp).__name__ for layer in model.model.layers]
+    assert kinds == ["DenseMLP", "MoE", "DenseMLP", "MoE"]
+    assert all(isinstance(m, moekit.core.MoE) for m in model.moe_layers())
+    keys = model.state_dict().keys()
+    assert "model.layers.0.mlp.gate_proj.weight" in keys and "model.layers.1.mlp.experts.gate_up_proj" in keys
+    dense = MoEForCausalLM(cfg(num_experts=0))
+    assert dense.moe_layers() == [] and dense(torch.zeros(1, 3, dtype=torch.long)).aux_loss.item() == 0.0
+
+
+def count_by_hand(c: ModelConfig) -> tuple[int, int]:
+    d, hd = c.hidden_size, c.head_dim
+    attn = d * hd * (2 * c.num_attention_heads + 2 * c.num_key_value_heads)
+    if c.attention_bias:
+        attn += hd * (c.num_attention_heads + 2 * c.num_key_value_heads)
+    if c.qk_norm:
+        attn += hd * (c.num_attention_heads + c.num_key_value_heads)
+    total = active = c.vocab_size * d * (1 if c.tie_word_embeddings else 2) + d
+    for i in range(c.num_hidden_layers):
+        base = attn + 2 * d
+        if c.is_moe_layer(i):
+            expert = 3 * d * c.moe_intermediate_size
+            shared = 3 * d * c.shared_expert_intermediate_size + (d if c.shared_expert_gate else 0)
+            total += base + c.num_experts * (expert + d) + shared
+            active += base + c.top_k * expert + c.num_experts * d + shared
+        else:
+            total += base + 3 * d * c.intermediate_size
+            active += base + 3 * d * c.intermediate_size
+    return total, active
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(),
+        dict(tie_word_embeddings=True),
+        dict(decoder_sparse_step=2, first_k_dense_replace=1),
+        dict(attention_bias=True, qk_norm=True, head_dim=6),
+        dict(shared_expert_intermediate_size=16, shared_expert_gate=True),
+        dict(num_experts=0),
+    ],
+)
+def test_parameter_counts_match_hand_count(kw):
+    c = cfg(**kw)
+    model = MoEForCausalLM(c)
+    assert (model.num_parameters(), model.num_parameters(active=True)) == count_by_hand(c)
+
+
+def test_tied_head_shares_the_embedding():
+    model = MoEForCausalLM(cfg(tie_word_embeddings=True))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_init_is_normal_with_initializer_range():
+    model = MoEForCausalLM(cfg(initializer_range=0.05, attention_bias=True))
+    w = model.model.layers[0].mlp.experts.gate_up_proj
+    assert abs(w.std().item() - 0.05) < 0.005
+    assert model.model.layers[0].self_attn.q_proj.bias.abs().max() == 0
+    assert model.model.norm.weight.eq(1).all()
+
+
+def test_meta_model_materialises_with_correct_rope():
+    c = cfg()
+    torch.manual_seed(0)
+    ref = MoEForCausalLM(c).eval()
+    with torch.device("meta"):
+        model = MoEForCausalLM(c)
+    model.to_empty(device="cpu").load_state_dict(ref.state_dict())
+    ids = torch.randint(0, 64, (1, 9))
+    torch.testing.assert_close(model.eval()(ids).logits, ref(ids).logits)
+
+
+def test_input_errors():
+    model = MoEForCausalLM(cfg())
+    with pytest.raises(TypeError, match="input_ids"):
+        model(torch.zeros(1, 3))
+    with pytest.raises(ValueError, match="batch, seq"):
+        model(torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="labels shape"):
+        model(torch.zeros(1, 3, dtype=torch.long), labels=torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        model(torch.zeros(1, 33, dtype=torch.long))
+    with pytest.raises(TypeError, match="ModelConfig"):
+        MoEForCausalLM({"hidden_size": 3})
