@@ -128,3 +128,22 @@ def check_zero_tokens(pg: G.ParallelGroups) -> None:
     if pg.rank == 0:
         y_ref, _ = full(x_all)
         assert_close(y, y_ref.detach(), **TOL)
+
+
+def check_expert_choice(pg: G.ParallelGroups) -> None:
+    """expert_choice picks among each rank's own tokens: the EP layer equals one process applied to
+    this rank's batch (output, input gradient), while the experts are still sharded."""
+    cfg = MoEConfig(hidden_size=12, intermediate_size=16, num_experts=8, router="expert_choice",
+                    capacity_factor=2.0)
+    torch.manual_seed(6)
+    full = MoE(cfg).double().train()
+    ep = parallelize_moe(copy.deepcopy(full), pg)
+    x_all = torch.randn(2, 10, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    x = x_all[pg.rank].clone().requires_grad_()
+    xf = x_all[pg.rank].clone().requires_grad_()
+    y, _ = ep(x)
+    yf, _ = full(xf)
+    y.square().sum().backward()
+    yf.square().sum().backward()
+    assert_close(y, yf.detach(), **TOL)
+    assert_close(x.grad, xf.grad, **TOL)

@@ -39,6 +39,7 @@ def main() -> None:
         ("layer_dp", lambda: layer_checks.check_layer({"router": "topk"}, G.new_expert_parallel_groups(1))),
         ("layer_errors", lambda: layer_checks.check_errors(pg)),
         ("zero_tokens", lambda: layer_checks.check_zero_tokens(pg)),
+        ("expert_choice", lambda: layer_checks.check_expert_choice(pg)),
         ("checkpoint", lambda: layer_checks.check_checkpoint(pg, tmp)),
         ("train", lambda: train_checks.check_train(tmp, data)),
         ("resume", lambda: train_checks.check_resume_across_sizes(tmp)),

@@ -66,6 +66,10 @@ def test_rank_without_tokens_joins_the_exchange(run):
     passed(run, "zero_tokens")
 
 
+def test_expert_choice_routes_within_each_rank(run):
+    passed(run, "expert_choice")
+
+
 def test_sharded_checkpoint_round_trip_2_1_2(run):
     passed(run, "checkpoint")
     for name in ("two", "one"):
