@@ -150,8 +150,12 @@ class _BaseMixtureOfExperts(BaseEstimator):
             T_all = posts[l + 1].reshape(n, m, b)
             for j in range(m):
                 W[j] = fit_softmax(Z1, T_all[:, j, :], W[j], alpha=self.gate_alpha, solver=self.gate_solver,
-                                   max_iter=self.gate_max_iter)
+                                   max_iter=self.gate_max_iter, tol=self._inner_tol())
         return alive
+
+    def _inner_tol(self) -> float:
+        """Tolerance of the gate / logistic solvers, per sample: finer than EM's own test can see."""
+        return max(0.1 * self.tol, 1e-10)
 
     def _objective(self, block, gates, ll: float) -> float:
         gate_prior = sum(float(np.sum(W[:, :-1, :] ** 2)) for W in gates)

@@ -25,7 +25,7 @@ class _ClassificationPart:
         return make_expert_block(self._experts_spec(), "classification", n_leaves,
                                  n_classes=len(self.classes_), variance="per_expert", var_floor=0.0,
                                  ridge=0.0, expert_alpha=self.expert_alpha, solver=self.gate_solver,
-                                 max_iter=self.gate_max_iter)
+                                 max_iter=self.gate_max_iter, tol=self._inner_tol())
 
     def _fit_classification(self, X, y):
         X, y = validate_data(self, X, y, dtype=np.float64, ensure_min_samples=2)

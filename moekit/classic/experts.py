@@ -129,12 +129,14 @@ class LogisticExperts:
 
     kind = "classification"
 
-    def __init__(self, n_experts: int, n_classes: int, *, alpha: float, solver: str, max_iter: int):
+    def __init__(self, n_experts: int, n_classes: int, *, alpha: float, solver: str, max_iter: int,
+                 tol: float = 1e-7):
         self.n_experts = n_experts
         self.n_classes = n_classes
         self.alpha = alpha
         self.solver = solver
         self.max_iter = max_iter
+        self.tol = tol
         self._Z1 = None
 
     def _design(self, X: np.ndarray, train: bool) -> np.ndarray:
@@ -158,7 +160,7 @@ class LogisticExperts:
         for k in np.flatnonzero(alive):
             T = R[:, k, None] * onehot
             self.W_[k] = fit_softmax(Z1, T, self.W_[k], alpha=self.alpha, solver=self.solver,
-                                     max_iter=self.max_iter)
+                                     max_iter=self.max_iter, tol=self.tol)
 
     def predict_log_proba(self, X: np.ndarray, train: bool = False) -> np.ndarray:
         Z1 = self._design(X, train)

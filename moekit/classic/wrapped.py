@@ -151,7 +151,8 @@ def _check_estimator(est, kind: str, where: str) -> None:
 
 
 def make_expert_block(experts, kind: str, n_leaves: int, *, n_classes: int = 0, variance: str,
-                      var_floor: float, ridge: float, expert_alpha: float, solver: str, max_iter: int):
+                      var_floor: float, ridge: float, expert_alpha: float, solver: str, max_iter: int,
+                      tol: float = 1e-7):
     """Resolve the ``experts=`` parameter into an expert block of ``n_leaves`` experts."""
     builtin = "linear" if kind == "regression" else "logistic"
     if isinstance(experts, str):
@@ -160,7 +161,8 @@ def make_expert_block(experts, kind: str, n_leaves: int, *, n_classes: int = 0, 
                              "estimator instance or a list of them")
         if kind == "regression":
             return LinearGaussianExperts(n_leaves, ridge=ridge, variance=variance, var_floor=var_floor)
-        return LogisticExperts(n_leaves, n_classes, alpha=expert_alpha, solver=solver, max_iter=max_iter)
+        return LogisticExperts(n_leaves, n_classes, alpha=expert_alpha, solver=solver, max_iter=max_iter,
+                               tol=tol)
     if isinstance(experts, (list, tuple)):
         if len(experts) != n_leaves:
             raise ValueError(f"experts is a list of {len(experts)} estimators but the model has "
