@@ -134,3 +134,23 @@ def test_input_errors():
         model(torch.zeros(1, 33, dtype=torch.long))
     with pytest.raises(TypeError, match="ModelConfig"):
         MoEForCausalLM({"hidden_size": 3})
+
+
+def test_describe_reports_counts_memory_and_flops():
+    from moekit.models.info import describe, flops_per_token, layer_counts
+
+    text = describe(get_preset("mixtral-8x7b"))
+    assert "46,702,792,704" in text and "12,879,925,248" in text
+    assert "bf16 86.99 GiB" in text and "fp32 173.98 GiB" in text  # 2 and 4 bytes x 46.7B
+    c = cfg(decoder_sparse_step=2, tie_word_embeddings=True)
+    rows, other, _ = layer_counts(c)
+    total, active = count_by_hand(c)
+    assert sum(r.total for r in rows) + sum(other.values()) == total
+    assert sum(r.active for r in rows) + sum(other.values()) == active
+    assert [r.kind for r in rows] == ["dense", "moe", "dense"]
+    f = flops_per_token(c, context=8)
+    norms = sum(r.norms for r in rows) + other["final_norm"]
+    assert f["matmul"] == 2 * (active - norms)  # tied: the embedding's matrix is the head's matmul
+    assert f["attention"] == 4 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * 4.5  # mean keys
+    windowed = flops_per_token(c.replace(sliding_window=2), context=8)["attention"]
+    assert windowed == 4 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * (1 + 2 * 7) / 8
