@@ -15,6 +15,7 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -24,6 +25,9 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 _DTYPE_SIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                 "U8": torch.uint8, "BOOL": torch.bool}
 _MAX_HEADER = 100 * 1024 * 1024
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -34,11 +38,16 @@ class CheckpointError(ValueError):
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """Where one tensor lives: its file, safetensors dtype string and shape."""
+    """Where one tensor lives: its file, safetensors dtype string, shape and byte offset in the file."""
 
     file: Path
     dtype: str
     shape: tuple[int, ...]
+    offset: int = 0
+
+    @property
+    def torch_dtype(self) -> torch.dtype | None:
+        return _TORCH_DTYPES.get(self.dtype)
 
     @property
     def nbytes(self) -> int:
@@ -82,7 +91,7 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             shape = tuple(int(s) for s in entry["shape"])
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: corrupt safetensors header entry for tensor {name!r}") from None
-        info = TensorInfo(path, dtype, shape)
+        info = TensorInfo(path, dtype, shape, 8 + n + int(begin))
         if dtype not in _DTYPE_SIZE or stop - begin != info.nbytes or begin < 0:
             raise CheckpointError(f"{path}: corrupt safetensors header entry for tensor {name!r}")
         infos[name] = info
@@ -162,11 +171,46 @@ def find_tensors(root: Path, layout: str) -> dict[str, TensorInfo]:
 
 
 class TensorReader:
-    """Reads tensors by name from the files in a ``{name: TensorInfo}`` map, one open handle per file."""
+    """Reads tensors by name from the files in a ``{name: TensorInfo}`` map.
+
+    ``reader(name)`` is a zero-copy mmap view (``safe_open``): right for tensors kept as they are.
+    ``reader.read_into(name, out)`` reads the bytes straight into ``out`` with plain file reads, for
+    tensors that are converted anyway (stacked experts, dtype / device changes): the mapped source
+    pages would otherwise stay resident next to the converted copy until the file is closed.
+    """
 
     def __init__(self, infos: dict[str, TensorInfo]) -> None:
         self.infos = infos
         self._handles: dict[Path, object] = {}
+        self._files: dict[Path, Any] = {}
+
+    def read_into(self, name: str, out: torch.Tensor) -> None:
+        """Copy tensor ``name`` into ``out`` (same shape; any dtype / device: converted on the way)."""
+        info = self.infos[name]
+        src_dtype = info.torch_dtype
+        if tuple(out.shape) != info.shape or src_dtype is None:
+            out.copy_(self(name))
+            return
+        direct = out.device.type == "cpu" and out.dtype == src_dtype and out.is_contiguous()
+        buf = out if direct else torch.empty(info.shape, dtype=src_dtype)
+        f = self._files.get(info.file)
+        if f is None:
+            f = self._files[info.file] = open(info.file, "rb")  # noqa: SIM115 - closed in close()
+        f.seek(info.offset)
+        view = memoryview(buf.view(-1).view(torch.uint8).numpy()) if buf.numel() else memoryview(b"")
+        if f.readinto(view) != info.nbytes:
+            raise CheckpointError(f"{info.file}: truncated while reading tensor {name!r}")
+        if not direct:
+            out.copy_(buf)
+
+    def read(self, name: str) -> torch.Tensor:
+        """A fresh (not file-backed) copy of tensor ``name``."""
+        info = self.infos[name]
+        if info.torch_dtype is None:
+            return self(name).clone()
+        out = torch.empty(info.shape, dtype=info.torch_dtype)
+        self.read_into(name, out)
+        return out
 
     def __call__(self, name: str) -> torch.Tensor:
         info = self.infos[name]
@@ -180,6 +224,9 @@ class TensorReader:
 
     def close(self) -> None:
         self._handles.clear()
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
 
 
 def parse_size(size: int | str) -> int:

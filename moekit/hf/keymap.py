@@ -177,23 +177,37 @@ def build(
     dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
 ) -> Tensor:
-    """Materialise one planned tensor. ``copy`` keeps ``get``'s tensor (e.g. an mmap view) when no
-    dtype / device change is asked; ``stack`` writes each expert straight into one new tensor."""
+    """Materialise one planned tensor.
+
+    ``get(name)`` returns a checkpoint tensor; when ``get`` also has ``read(name)`` and
+    ``read_into(name, out)`` (a :class:`~moekit.hf.checkpoint.TensorReader`), tensors that are converted
+    anyway are read with plain file reads instead of through the mmap. A ``copy`` whose dtype and device
+    already match is ``get``'s own tensor (a zero-copy mmap view); ``stack`` writes each expert straight
+    into one new tensor.
+    """
+    device = torch.device(device)
+    read = getattr(get, "read", get)
+    read_into = getattr(get, "read_into", None)
     if src.op == "copy":
-        return get(src.parts[0][0]).to(dtype=dtype, device=device)
+        t = get(src.parts[0][0])
+        if (dtype is None or t.dtype == dtype) and t.device == device:
+            return t
+        return read(src.parts[0][0]).to(dtype=dtype, device=device)
     if src.op == "rope":
-        t = rope_interleaved_to_half(get(src.parts[0][0]), src.head_dim)
+        t = rope_interleaved_to_half(read(src.parts[0][0]), src.head_dim)
         return t.to(dtype=dtype, device=device).contiguous()
     if src.op != "stack":
         raise ValueError(f"Source.op must be 'copy', 'stack' or 'rope', got {src.op!r}")
-    first = get(src.parts[0][0])
-    out = torch.empty(src.shape, dtype=dtype or first.dtype, device=device)
+    out = torch.empty(src.shape, dtype=dtype or get(src.parts[0][0]).dtype, device=device)
     for e, names in enumerate(src.parts):
         row = 0
         for name in names:
-            part = first if (e, row) == (0, 0) else get(name)
-            out[e, row:row + part.shape[0]].copy_(part)
-            row += part.shape[0]
+            rows = src.shape[1] // len(names) if read_into is not None else get(name).shape[0]
+            if read_into is not None:
+                read_into(name, out[e, row:row + rows])
+            else:
+                out[e, row:row + rows].copy_(get(name))
+            row += rows
     return out
 
 
