@@ -125,13 +125,18 @@ def first_choice(ids_TK: Any, weights_TK: Any | None = None) -> np.ndarray:
     return first
 
 
-def selection_mask(ids_TK: Any, num_experts: int) -> np.ndarray:
-    """Boolean ``(T, E)``: True where the token chose the expert (``-1`` slots ignored)."""
+def _check_ids(ids_TK: Any, num_experts: int) -> np.ndarray:
     ids = np.asarray(ids_TK, dtype=np.int64)
     if ids.ndim != 2:
         raise ValueError(f"ids_TK must be 2-D (T, K), got shape {ids.shape}")
     if ids.size and ids.max() >= num_experts:
         raise ValueError(f"ids_TK holds expert {int(ids.max())} but num_experts is {num_experts}")
+    return ids
+
+
+def selection_mask(ids_TK: Any, num_experts: int) -> np.ndarray:
+    """Boolean ``(T, E)``: True where the token chose the expert (``-1`` slots ignored)."""
+    ids = _check_ids(ids_TK, num_experts)
     mask = np.zeros((ids.shape[0], num_experts + 1), dtype=bool)
     mask[np.arange(ids.shape[0])[:, None], np.where(ids >= 0, ids, num_experts)] = True
     return mask[:, :num_experts]
@@ -140,8 +145,16 @@ def selection_mask(ids_TK: Any, num_experts: int) -> np.ndarray:
 def coselection(ids_TK: Any, num_experts: int) -> np.ndarray:
     """Co-selection counts ``(E, E)`` int64: ``[i, j]`` = tokens that chose both ``i`` and ``j``;
     the diagonal holds how many tokens chose each expert."""
-    m = selection_mask(ids_TK, num_experts).astype(np.int64)
-    return m.T @ m
+    ids = _check_ids(ids_TK, num_experts)
+    E, K = num_experts, ids.shape[1]
+    out = np.zeros(E * E, dtype=np.int64)
+    step = max(1, (1 << 22) // max(K * K, 1))  # bounded (chunk, K, K) pair buffers
+    for start in range(0, ids.shape[0], step):
+        chunk = ids[start:start + step]
+        pairs = chunk[:, :, None] * E + chunk[:, None, :]
+        ok = (chunk[:, :, None] >= 0) & (chunk[:, None, :] >= 0)
+        out += np.bincount(pairs[ok], minlength=E * E)
+    return out.reshape(E, E)
 
 
 def consecutive_counts(ids_BSK: Any, first_BS: Any, num_experts: int) -> tuple[int, int, int]:

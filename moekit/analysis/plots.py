@@ -25,7 +25,7 @@ def _save(fig: Figure, path: str | os.PathLike) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     FigureCanvasAgg(fig)
-    fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight")
+    fig.savefig(tmp, format="png", dpi=DPI)  # constrained layout already fits the labels
     os.replace(tmp, path)
     return path
 
@@ -86,6 +86,9 @@ def plot_coselection(matrices: Sequence[Any], layer_labels: Sequence[str], token
         data = np.asarray(m, dtype=np.float64) / max(n, 1)
         np.fill_diagonal(data, np.nan)
         im = _heatmap(ax, data, cmap="magma", vmin=0.0)
+        if data.shape[0] <= 16:
+            ax.set_xticks(range(data.shape[0]))
+            ax.set_yticks(range(data.shape[0]))
         ax.set_title(f"{label}: P(i and j chosen)", fontsize=9)
         ax.set_xlabel("expert j", fontsize=8)
         ax.set_ylabel("expert i", fontsize=8)

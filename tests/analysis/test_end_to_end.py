@@ -1,0 +1,86 @@
+"""`moekit analyze` on a tiny trained run: default data (the run's validation split), --data, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from moekit.analysis import load_model, run_analysis
+from moekit.cli import main
+from moekit.models import get_preset
+from moekit.train import TrainConfig, train
+
+from .test_report import check_report
+
+TEXT = (
+    "def add(a, b):\n    return a + b\n\n"
+    "class Stack:\n    def __init__(self):\n        self.items = []  # storage\n\n"
+    "    def push(self, x):\n        self.items.append(x)\n\n"
+    "    def pop(self):\n        return self.items.pop() if self.items else None\n\n"
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # the autouse fixture only covers function scope
+    root = tmp_path_factory.mktemp("analysis_run")
+    data = root / "data"
+    data.mkdir()
+    for i in range(12):
+        (data / f"file{i:02d}.py").write_text(f"# file {i}\nN = {i}\n" + TEXT * (3 + i % 3), encoding="utf-8")
+    model = get_preset("tiny", hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                       num_key_value_heads=2, intermediate_size=64, num_experts=4, top_k=2, vocab_size=300,
+                       max_position_embeddings=64)
+    cfg = TrainConfig(max_steps=4, batch_size=2, seq_len=32, warmup_steps=1, eval_every=2, eval_batches=1,
+                      save_every=4, log_every=1, max_train_chars=20_000, max_val_chars=4_000,
+                      tokenizer_chars=10_000, val_fraction=0.2)
+    train(root / "run", model_config=model, train_config=cfg, data=data, show_progress=False,
+          log=lambda s: None)
+    torch.set_num_threads(before)
+    return root
+
+
+def test_cli_analyze_default_data(tiny_run, capsys):
+    out = tiny_run / "report_default"
+    rc = main(["analyze", str(tiny_run / "run"), "--out", str(out), "--max-tokens", "512",
+               "--layers", "0", "2"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "routing summary" in printed and "validation split" in printed and "report.html" in printed
+    parser = check_report(out / "report.html")
+    assert len(parser.images) == 6  # training curves from the run's metrics.jsonl included
+    text = "".join(parser.text)
+    assert "No training metrics" not in text and "No Python code" not in text
+    saved = json.loads((out / "metrics.json").read_text())
+    assert [m["layer"] for m in saved["per_layer"]] == [f"model.layers.{i}.mlp" for i in range(3)]
+    assert saved["info"]["kind"] == "run" and saved["info"]["step"] == 4
+    assert 0 < saved["overall"]["loss"] < 10
+    assert saved["overall"]["tokens"] == 512
+
+
+def test_run_analysis_with_data_file(tiny_run):
+    src = tiny_run / "data" / "file03.py"
+    analysis, report = run_analysis(tiny_run / "run", data=src, out_dir=tiny_run / "report_file",
+                                    max_tokens=256, seq_len=16, log=lambda s: None)
+    assert analysis.info["documents"] == 1 and analysis.info["python_documents"] == 1
+    assert analysis.detail_layers == ["model.layers.0.mlp", "model.layers.1.mlp", "model.layers.2.mlp"]
+    assert analysis.info["tokens"] == 256
+    check_report(report)
+
+
+def test_load_model_dispatch_and_errors(tiny_run, tmp_path, capsys):
+    model, tok, info = load_model(tiny_run / "run")
+    assert info["kind"] == "run" and tok.get_vocab_size() <= 300
+    assert main(["analyze", str(tmp_path)]) == 2
+    assert "neither a moekit run" in capsys.readouterr().err
+    assert main(["analyze", str(tmp_path / "missing")]) == 2
+    assert "no such directory" in capsys.readouterr().err
+    assert main(["analyze", str(tiny_run / "run"), "--layers", "7", "--out", str(tmp_path / "x"),
+                 "--max-tokens", "64"]) == 2
+    assert "not MoE layers" in capsys.readouterr().err
+    assert main(["analyze", str(tiny_run / "run"), "--seq-len", "999"]) == 2
+    assert "context" in capsys.readouterr().err

@@ -1,0 +1,136 @@
+"""RoutingRecorder on a toy nn.Module holding moekit.MoE layers: streaming aggregates equal the
+one-shot metrics over everything the layers returned."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from moekit.analysis import metrics as M
+from moekit.analysis.recorder import LayerRecord, RoutingRecorder, layer_index, layer_label
+
+
+def run(model, batches, **kw):
+    with RoutingRecorder(model, **kw) as rec:
+        for ids in batches:
+            rec.set_inputs(ids)
+            model(ids)
+    return rec
+
+
+@pytest.fixture
+def batches():
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(0, 50, (3, 11), generator=g) for _ in range(4)]
+
+
+@pytest.mark.parametrize("moe", [dict(num_experts=8, top_k=2), dict(num_experts=4, top_k=1, router="switch",
+                                                                     capacity_factor=0.5)])
+def test_streaming_aggregates_equal_one_shot_metrics(batches, moe, make_toy):
+    model = make_toy(**moe)
+    rec = run(model, batches, reservoir_size=64, sample_tokens=40)
+    assert list(rec.records) == ["layers.0.mlp", "layers.2.mlp"]
+    E, K = moe["num_experts"], moe["top_k"]
+    for name, infos in model.seen.items():
+        r = rec.records[name]
+        ids = np.concatenate([i.expert_ids.numpy() for i in infos])
+        w = np.concatenate([i.expert_weights.detach().numpy() for i in infos])
+        logits = np.concatenate([i.router_logits.detach().numpy() for i in infos])
+        first = M.first_choice(ids, w)
+        assert (r.num_experts, r.top_k, r.num_tokens) == (E, K, 4 * 33)
+        np.testing.assert_array_equal(r.choice_counts, np.bincount(ids[ids >= 0], minlength=E))
+        np.testing.assert_array_equal(r.first_counts, np.bincount(first, minlength=E))
+        np.testing.assert_array_equal(r.coselection, M.coselection(ids, E))
+        np.testing.assert_array_equal(r.kept_counts, sum(i.tokens_per_expert.numpy() for i in infos))
+        assert r.num_dropped == sum(int(i.dropped) for i in infos)
+        assert r.entropy_sum == pytest.approx(M.gate_entropy(logits).sum(), rel=1e-6)
+        # consecutive pairs stay inside each (B, S) sequence: 4 batches x 3 rows x 10 pairs
+        pairs, same, share = M.consecutive_counts(ids.reshape(12, 11, K), first.reshape(12, 11), E)
+        assert r.consecutive == (pairs, same, share) and pairs == 120
+        tokens = torch.cat([b.reshape(-1) for b in batches]).numpy()
+        ref = np.zeros((E, 50), dtype=np.int64)
+        for t, row in zip(tokens, ids):
+            for e in row[row >= 0]:
+                ref[e, t] += 1
+        np.testing.assert_array_equal(r.token_expert[:, :50], ref)
+        assert r.token_expert[:, 50:].sum() == 0
+        assert r.sample_first == first[:40].tolist()
+        res_ids, res_first = r.reservoir()
+        assert res_ids.shape == (64, K) and set(res_first.tolist()) <= set(first.tolist())
+        m = M.layer_metrics(r)
+        assert m["load_cv"] == pytest.approx(M.load_cv(np.bincount(ids[ids >= 0], minlength=E)))
+        if "capacity_factor" in moe:
+            assert m["dropped_fraction"] > 0  # capacity 0.5 in training mode drops slots
+
+
+def test_categories_and_dropped_counts_follow_set_inputs(batches, make_toy):
+    model = make_toy()
+    cats = [np.where(b.numpy() % 2 == 0, 1, -1) for b in batches]
+    with RoutingRecorder(model) as rec:
+        for ids, c in zip(batches, cats):
+            rec.set_inputs(ids, c)
+            model(ids)
+    for name, infos in model.seen.items():
+        first = np.concatenate([M.first_choice(i.expert_ids.numpy(), i.expert_weights.detach().numpy())
+                                for i in infos])
+        flat = np.concatenate([c.reshape(-1) for c in cats])
+        table = rec.records[name].category_expert
+        np.testing.assert_array_equal(table[1], np.bincount(first[flat == 1], minlength=8))
+        assert table.sum() == (flat == 1).sum()
+
+
+def test_reservoir_is_a_uniform_sample_of_the_stream():
+    N, R, reps = 200, 20, 60
+    hits = np.zeros(N)
+    for rep in range(reps):
+        rec = LayerRecord("x", num_experts=N, top_k=1, reservoir_size=R, seed=rep)
+        for start in range(0, N, 25):  # the token's position in the stream is its expert id
+            ids = np.arange(start, start + 25)[:, None]
+            rec.update(ids, np.ones((25, 1)), np.zeros(25), np.zeros(N), 0, (1, 25))
+        _, first = rec.reservoir()
+        assert len(set(first.tolist())) == R
+        hits[first] += 1
+    # each token is kept with probability R/N, wherever it is in the stream: compare the quarters
+    quarters = hits.reshape(4, -1).sum(axis=1)
+    expected = reps * R / 4
+    assert np.all(np.abs(quarters - expected) < 4 * np.sqrt(expected)), quarters
+
+
+def test_hooks_are_removed_and_layer_selection(batches, make_toy):
+    model = make_toy()
+    rec = run(model, batches[:1], layers=[2])
+    assert list(rec.records) == ["layers.2.mlp"]
+    model(batches[0])  # after exit no hook records anything
+    assert rec.records["layers.2.mlp"].num_tokens == 33
+    with pytest.raises(ValueError, match=r"not MoE layers.*\[0, 2\]"):
+        RoutingRecorder(model, layers=[1])
+    with pytest.raises(ValueError, match="no moekit.MoE layer"):
+        RoutingRecorder(nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="nn.Module"):
+        RoutingRecorder("model")
+    with pytest.raises(ValueError, match="token_ids_BS"):
+        RoutingRecorder(model).set_inputs(np.zeros(3))
+
+
+def test_without_set_inputs_uses_the_moe_input_shape(make_toy):
+    model = make_toy()
+    with RoutingRecorder(model) as rec:
+        model(torch.randint(0, 50, (2, 7)))
+    r = rec.records["layers.0.mlp"]
+    assert r.consecutive[0] == 12 and r.token_expert.shape[1] == 0
+
+
+def test_expert_choice_routing_is_recorded(make_toy):
+    model = make_toy(num_experts=4, router="expert_choice", capacity_factor=1.0)
+    rec = run(model, [torch.randint(0, 50, (2, 8))])
+    r = rec.records["layers.0.mlp"]
+    assert r.top_k == 4 and not r.fixed_k
+    assert r.choice_counts.sum() == r.num_slots
+    assert np.isnan(M.layer_metrics(r)["share_any_baseline"])
+
+
+def test_layer_names():
+    assert layer_index("model.layers.12.mlp") == 12 and layer_label("model.layers.12.mlp") == "L12"
+    assert layer_index("encoder.moe") is None and layer_label("encoder.moe") == "encoder.moe"
