@@ -161,7 +161,8 @@ def analyze_model(
 
 
 def load_model(path: str | os.PathLike, device: str = "cpu") -> tuple[nn.Module, Tokenizer, dict[str, Any]]:
-    """A moekit run directory (``run.json``) or a Hugging Face checkpoint (``config.json``).
+    """A moekit run directory (``run.json``) or a checkpoint directory (HF ``config.json`` or Mistral
+    ``params.json``, loaded by :func:`moekit.from_pretrained` with its ``tokenizer.json``).
 
     Returns ``(model, tokenizer, info)``; ``info["kind"]`` is ``"run"`` or ``"checkpoint"``.
     """
@@ -174,16 +175,16 @@ def load_model(path: str | os.PathLike, device: str = "cpu") -> tuple[nn.Module,
 
         model, tokenizer, info = load_run(p, device=device)
         return model, tokenizer, {**info, "kind": "run", "path": str(p)}
-    if (p / "config.json").is_file():
-        import moekit
+    if (p / "config.json").is_file() or (p / "params.json").is_file():
+        from moekit.hf import from_pretrained, load_tokenizer
 
-        if not hasattr(moekit, "from_pretrained"):
-            raise ValueError(f"{p} is a Hugging Face checkpoint but this moekit has no from_pretrained")
-        if not (p / "tokenizer.json").is_file():
-            raise ValueError(f"checkpoint {p} has no tokenizer.json (a `tokenizers` file is needed)")
-        model = moekit.from_pretrained(str(p), device=device)
-        return model, Tokenizer.from_file(str(p / "tokenizer.json")), {"kind": "checkpoint", "path": str(p)}
-    raise ValueError(f"{p} is neither a moekit run (run.json) nor a Hugging Face checkpoint (config.json)")
+        model = from_pretrained(p, device=device)
+        tok = load_tokenizer(p)
+        return model, tok.tokenizer, {"kind": "checkpoint", "path": str(p), "eos_token_id": tok.eos_token_id}
+    raise ValueError(
+        f"{p} is neither a moekit run (run.json) nor a Hugging Face / Mistral checkpoint (config.json / "
+        "params.json)"
+    )
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
@@ -251,7 +252,8 @@ def run_analysis(
         seq_len = int(info.get("train_config", {}).get("seq_len") or min(context or 512, 512))
     if context is not None and seq_len > context:
         raise ValueError(f"seq_len {seq_len} exceeds the model's context (max_position_embeddings={context})")
-    sep = tokenizer.token_to_id("<|endoftext|>")
+    sep = info.get("eos_token_id")
+    sep = tokenizer.token_to_id("<|endoftext|>") if sep is None else sep
     windows = encode_windows(tokenizer, texts, seq_len, max(max_tokens, seq_len), separator_id=sep)
     log(f"analyzing {windows.num_tokens:,} tokens ({windows.ids_NS.shape[0]} windows of {seq_len}) "
         f"from {data_desc}")

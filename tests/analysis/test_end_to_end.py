@@ -72,6 +72,22 @@ def test_run_analysis_with_data_file(tiny_run):
     check_report(report)
 
 
+def test_analyze_hf_checkpoint_needs_data(tiny_run, capsys):
+    from moekit.hf import HFTokenizer, save_pretrained
+
+    model, tok, _ = load_model(tiny_run / "run")
+    ckpt = save_pretrained(model, tiny_run / "hf", tokenizer=HFTokenizer(tok, {"eos_token": "<|endoftext|>"}))
+    assert main(["analyze", str(ckpt)]) == 2
+    assert "pass --data" in capsys.readouterr().err
+    out = tiny_run / "report_hf"
+    assert main(["analyze", str(ckpt), "--data", str(tiny_run / "data"), "--out", str(out),
+                 "--max-tokens", "256", "--seq-len", "32"]) == 0
+    parser = check_report(out / "report.html")
+    assert "No training metrics" in "".join(parser.text)
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["info"]["kind"] == "checkpoint" and saved["overall"]["tokens"] == 256
+
+
 def test_load_model_dispatch_and_errors(tiny_run, tmp_path, capsys):
     model, tok, info = load_model(tiny_run / "run")
     assert info["kind"] == "run" and tok.get_vocab_size() <= 300

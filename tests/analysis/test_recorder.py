@@ -134,3 +134,19 @@ def test_expert_choice_routing_is_recorded(make_toy):
 def test_layer_names():
     assert layer_index("model.layers.12.mlp") == 12 and layer_label("model.layers.12.mlp") == "L12"
     assert layer_index("encoder.moe") is None and layer_label("encoder.moe") == "encoder.moe"
+
+
+def test_memory_is_bounded_by_model_and_vocabulary_not_tokens(make_toy):
+    """Aggregates of 2 and of 30 batches occupy the same memory (token x expert table at vocab size)."""
+    model = make_toy()
+    g = torch.Generator().manual_seed(1)
+    sizes = []
+    for n in (2, 30):
+        batches = [torch.randint(0, 50, (4, 16), generator=g) for _ in range(n)]
+        batches[0][0, 0] = 49  # the largest id appears in both runs
+        rec = run(model, batches, reservoir_size=128, sample_tokens=64)
+        r = rec.records["layers.0.mlp"]
+        arrays = [r.choice_counts, r.kept_counts, r.first_counts, r.coselection, r.token_expert,
+                  r.category_expert, *r.reservoir()]
+        sizes.append((sum(a.nbytes for a in arrays), len(r.sample_first)))
+    assert sizes[0] == sizes[1]
