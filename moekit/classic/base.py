@@ -49,6 +49,22 @@ def _openmp_controller() -> ThreadpoolController:
     return ThreadpoolController()  # discovering the loaded libraries is slow: do it once
 
 
+def _kmeans_labels(D: np.ndarray, k: int, rng) -> np.ndarray:
+    """k-means labels of the rows of ``D`` (fitted on at most ``_KMEANS_SAMPLES`` of them).
+
+    A sub-sample is plenty for a starting partition; one OpenMP thread avoids the spin-wait slowdown
+    of KMeans on busy machines (the init is a small part of a fit).
+    """
+    n = D.shape[0]
+    if n < k:  # too few rows below this node: spread them over the children
+        return np.arange(n) % k
+    sub = D if n <= _KMEANS_SAMPLES else D[rng.choice(n, _KMEANS_SAMPLES, replace=False)]
+    with warnings.catch_warnings(), _openmp_controller().limit(limits=1, user_api="openmp"):
+        warnings.simplefilter("ignore", ConvergenceWarning)  # fewer distinct points than clusters
+        km = KMeans(n_clusters=k, n_init=1, random_state=rng.randint(2**31 - 1)).fit(sub)
+        return km.predict(D)
+
+
 def _choice(name: str, value, allowed: tuple) -> None:
     if not isinstance(value, str) or value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
@@ -119,21 +135,18 @@ class _BaseMixtureOfExperts(BaseEstimator):
         if self.init == "random":
             R = rng.uniform(size=(n, n_leaves))
             return R / R.sum(axis=1, keepdims=True)
-        if self._kind() == "regression":
-            ycols = y[:, None]
-        else:
-            ycols = np.zeros((n, self.n_classes_))
-            ycols[np.arange(n), y] = 1.0
-        D = np.hstack([X, ycols])
+        # Regression clusters [X, y] (lines apart in y start apart); classification clusters X alone,
+        # since clusters split by label would hand each expert a single class and stall EM at once.
+        D = np.hstack([X, y[:, None]]) if self._kind() == "regression" else X
         sd = D.std(axis=0)
         D = (D - D.mean(axis=0)) / np.where(sd > 0, sd, 1.0)
-        # k-means on at most _KMEANS_SAMPLES rows is plenty for a starting partition; one OpenMP thread
-        # avoids the spin-wait slowdown of KMeans on busy machines (the init is a small part of a fit).
-        sub = D if n <= _KMEANS_SAMPLES else D[rng.choice(n, _KMEANS_SAMPLES, replace=False)]
-        with warnings.catch_warnings(), _openmp_controller().limit(limits=1, user_api="openmp"):
-            warnings.simplefilter("ignore", ConvergenceWarning)  # fewer distinct points than clusters
-            km = KMeans(n_clusters=n_leaves, n_init=1, random_state=rng.randint(2**31 - 1)).fit(sub)
-            labels = km.predict(D)
+        labels = np.zeros(n, dtype=np.intp)
+        for b in self._branching():  # divisive k-means: siblings in the tree start as neighbours
+            new = np.empty_like(labels)
+            for node in np.unique(labels):
+                rows = np.flatnonzero(labels == node)
+                new[rows] = node * b + _kmeans_labels(D[rows], b, rng)
+            labels = new
         R = np.zeros((n, n_leaves))
         R[np.arange(n), labels] = 1.0
         return R

@@ -84,7 +84,7 @@ class MixtureOfExpertsRegressor(_RegressionPart, RegressorMixin, _BaseMixtureOfE
     """
 
     def __init__(self, n_experts: int = 2, *, experts="linear", gate: str = "softmax", gate_features=None,
-                 gate_alpha: float = 1.0, gate_solver: str = "newton", gate_max_iter: int = 10,
+                 gate_alpha: float = 0.01, gate_solver: str = "newton", gate_max_iter: int = 10,
                  variance: str = "per_expert", ridge: float = 0.0, variance_floor: float = 1e-6,
                  combine: str = "mean", init: str = "kmeans", n_init: int = 1, max_iter: int = 200,
                  tol: float = 1e-5, random_state=None):
