@@ -9,7 +9,9 @@ once into their final tensor. RAM never holds the model twice.
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +78,25 @@ def read_config(root: Path) -> tuple[ModelConfig, str, dict[str, Any]]:
     except ValueError as e:
         name = "config.json" if layout == "hf" else "params.json"
         raise ValueError(f"{root / name}: {e}") from None
+
+
+_INIT_FUNCTIONS = ("normal_", "uniform_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_",
+                   "xavier_uniform_", "xavier_normal_", "constant_", "zeros_", "ones_")
+
+
+@contextlib.contextmanager
+def _no_init() -> Iterator[None]:
+    """Skip ``torch.nn.init`` while building on the meta device: every weight is overwritten by the
+    checkpoint, and random init on meta tensors goes through torch's Python refs, whose first use
+    imports ``torch._refs`` (seconds). transformers skips init the same way when it loads."""
+    saved = {name: getattr(torch.nn.init, name) for name in _INIT_FUNCTIONS}
+    try:
+        for name in _INIT_FUNCTIONS:
+            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)
 
 
 def _describe(src: keymap.Source, infos: dict[str, TensorInfo]) -> str:
@@ -168,7 +189,7 @@ def from_pretrained(
     infos = find_tensors(root, layout)
     shapes = {name: info.shape for name, info in infos.items()}
     plan = keymap.plan_from_hf(shapes) if layout == "hf" else keymap.plan_from_mistral(shapes, cfg.head_dim)
-    with torch.device("meta"):
+    with torch.device("meta"), _no_init():
         model = MoEForCausalLM(cfg)
     plan = check_plan(plan, model, infos, cfg)
     target_dtype = target_dtype or _default_dtype(raw, infos)
