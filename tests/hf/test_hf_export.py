@@ -1,0 +1,54 @@
+"""moekit-native models (any config HF can express) -> save_pretrained -> transformers: same logits."""
+
+import json
+
+import pytest
+import torch
+
+from moekit.hf import from_pretrained
+from moekit.models import ModelConfig, MoEForCausalLM
+
+transformers = pytest.importorskip("transformers")
+IDS = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+BASE = dict(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, intermediate_size=40, moe_intermediate_size=24, num_experts=4, top_k=2,
+            max_position_embeddings=32, rope_theta=1e4, initializer_range=0.1)
+
+
+@pytest.mark.parametrize("changes, model_type", [
+    (dict(), "mixtral"),
+    (dict(sliding_window=4), "mixtral"),
+    (dict(norm_topk_prob=False, first_k_dense_replace=1), "qwen2_moe"),  # zero-width shared expert
+    (dict(attention_bias=True, shared_expert_intermediate_size=16, shared_expert_gate=True,
+          decoder_sparse_step=2, tie_word_embeddings=True), "qwen2_moe"),
+    (dict(qk_norm=True, norm_topk_prob=False, moe_intermediate_size=40), "olmoe"),
+])
+def test_export_picks_the_matching_model_type(tmp_path, changes, model_type):
+    torch.manual_seed(0)
+    model = MoEForCausalLM(ModelConfig(**{**BASE, **changes})).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("norm.weight", "bias")):
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == model_type
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        ours = model(IDS).logits
+        assert (hf(IDS).logits - ours).abs().max().item() <= 1e-4
+        assert torch.equal(from_pretrained(tmp_path)(IDS).logits, ours)
+
+
+def test_unexportable_configs_name_the_reason(tmp_path):
+    for changes, pattern in [
+        (dict(router="expert_choice"), "router='expert_choice'"),
+        (dict(qk_norm=True, attention_bias=True), "attention bias, shared expert or dense layers"),
+    ]:
+        model = MoEForCausalLM(ModelConfig(**{**BASE, **changes}))
+        with pytest.raises(ValueError, match=pattern):
+            model.save_pretrained(tmp_path)
+    model = MoEForCausalLM(ModelConfig(**{**BASE, "norm_topk_prob": False}))
+    with pytest.raises(ValueError, match="cannot be written as HF 'mixtral'.*norm_topk_prob=False"):
+        model.save_pretrained(tmp_path, model_type="mixtral")
+    with pytest.raises(ValueError, match="model_type must be one of"):
+        model.save_pretrained(tmp_path, model_type="llama")
