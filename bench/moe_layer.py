@@ -1,7 +1,8 @@
 """Benchmark: moekit.MoE against transformers' MixtralSparseMoeBlock (eager and grouped_mm experts).
 
 One run times every implementation on the same weights and inputs, interleaved round by round, and
-prints medians and ratios (contention on shared machines hits both sides alike).
+prints the best round of each (the least disturbed by other processes on a shared machine) and the
+ratios; forward runs under ``torch.no_grad()``, forward+backward calls ``y.backward(g)``.
 
     python bench/moe_layer.py                 # CPU: D=256, F=512, E=8, k=2, fp32, T in {1, 64, 2048}
     python bench/moe_layer.py --device cuda   # Mixtral-8x7B shapes, bf16, T up to 16384, plus the floor
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import time
 from collections.abc import Callable
 
@@ -70,7 +70,7 @@ def time_call(fn: Callable[[], object], device: str, repeat: int) -> float:
 
 def measure(modules: dict[str, torch.nn.Module], x: torch.Tensor, backward: bool, rounds: int,
             device: str) -> dict[str, float]:
-    """Median milliseconds per call of each module, interleaving the modules round by round."""
+    """Best-round milliseconds per call of each module, interleaving the modules round by round."""
     grad = torch.randn_like(x)
 
     def make(module: torch.nn.Module) -> Callable[[], object]:
@@ -93,7 +93,7 @@ def measure(modules: dict[str, torch.nn.Module], x: torch.Tensor, backward: bool
     for _ in range(rounds):
         for name, fn in calls.items():
             samples[name].append(time_call(fn, device, repeat[name]))
-    return {name: statistics.median(s) * 1e3 for name, s in samples.items()}
+    return {name: min(s) * 1e3 for name, s in samples.items()}
 
 
 def check_parity(modules: dict[str, torch.nn.Module], x: torch.Tensor) -> float:
@@ -129,7 +129,10 @@ def main() -> None:
     parser.add_argument("--backend", default="grouped")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--tokens", type=int, nargs="*", help="override the token counts")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     shapes = dict(CUDA_SHAPES if args.device == "cuda" else CPU_SHAPES)
     if args.tokens:
         shapes["tokens"] = tuple(args.tokens)
@@ -140,7 +143,7 @@ def main() -> None:
     peaks = device_peaks(shapes["dtype"]) if args.device == "cuda" else None
     if peaks:
         print(f"# measured peak {peaks[0] / 1e12:.1f} TFLOP/s, copy bandwidth {peaks[1] / 1e9:.0f} GB/s")
-    header = "| pass | T | moekit ms | hf eager ms | hf grouped_mm ms | eager / moekit | grouped_mm / moekit |"
+    header = "| pass | T | moekit ms | hf eager ms | hf grouped_mm ms | eager/moekit | grouped_mm/moekit |"
     if peaks:
         header += " floor ms | moekit / floor |"
     print(header)
@@ -151,9 +154,9 @@ def main() -> None:
         assert error < (1e-5 if shapes["dtype"] == torch.float32 else 2e-2), f"parity error {error}"
         for backward in (False, True):
             ms = measure(modules, x, backward, args.rounds, args.device)
-            row = (f"| {'fwd+bwd' if backward else 'fwd'} | {num_tokens} | {ms['moekit']:.3f} | "
-                   f"{ms['hf_eager']:.3f} | {ms['hf_grouped_mm']:.3f} | {ms['hf_eager'] / ms['moekit']:.2f} | "
-                   f"{ms['hf_grouped_mm'] / ms['moekit']:.2f} |")
+            ours, eager, grouped = ms["moekit"], ms["hf_eager"], ms["hf_grouped_mm"]
+            row = (f"| {'fwd+bwd' if backward else 'fwd'} | {num_tokens} | {ours:.3f} | {eager:.3f} | "
+                   f"{grouped:.3f} | {eager / ours:.2f} | {grouped / ours:.2f} |")
             if peaks and not backward:
                 with torch.no_grad():
                     _, info = modules["moekit"](x)

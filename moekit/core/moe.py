@@ -73,7 +73,8 @@ class MoE(nn.Module):
         num_tokens = x_TD.shape[0]
         # A collective (expert-parallel) dispatcher must join its peers' exchange even with no tokens.
         if num_tokens == 0 and not getattr(self.dispatcher, "collective", False):
-            return MoEOutput(torch.zeros_like(x), self._empty_info(x))
+            # Empty, but still on the autograd graph, so a backward over an empty batch works.
+            return MoEOutput(x * 0, self._empty_info(x))
 
         routing = self.gate(x_TD)
         capacity = None if config.router == "expert_choice" else config.capacity(num_tokens, self.training)
@@ -142,7 +143,7 @@ class MoE(nn.Module):
     def _empty_info(self, x: Tensor) -> RoutingInfo:
         num_experts = self.config.num_experts
         top_k = num_experts if self.config.router == "expert_choice" else self.config.top_k
-        zero = torch.zeros((), device=x.device)
+        zero = self.gate.weight.sum().float() * 0
         return RoutingInfo(
             aux_loss=zero,
             losses={"load_balancing": zero, "z": zero},

@@ -143,6 +143,7 @@ class ExpertChoiceRouter(Router):
         probs_TE = torch.softmax(logits_TE, dim=-1)
         capacity = self.config.capacity(x_TD.shape[0], self.training)
         assert capacity is not None
+        capacity = min(capacity, x_TD.shape[0])
         _, tokens_EC = torch.topk(probs_TE.T, capacity, dim=-1)
         picked_TE = torch.zeros_like(probs_TE, dtype=torch.bool)
         picked_TE[tokens_EC, torch.arange(self.num_experts, device=x_TD.device)[:, None]] = True

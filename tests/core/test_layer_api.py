@@ -1,0 +1,138 @@
+"""Layer API: shapes, zero tokens, bad input, config errors, gradcheck, hypothesis vs the reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from moekit import MoE, MoEConfig
+from moekit.core.reference import reference_moe
+
+
+def small(**overrides) -> MoE:
+    fields = dict(hidden_size=6, intermediate_size=4, num_experts=3, top_k=2)
+    fields.update(overrides)
+    return MoE(MoEConfig(**fields))
+
+
+@pytest.mark.parametrize("shape", [(6,), (2, 6), (2, 3, 6), (2, 1, 3, 6)])
+def test_any_leading_shape(shape):
+    moe = small()
+    x = torch.randn(shape)
+    y, info = moe(x)
+    assert y.shape == x.shape
+    tokens = x.numel() // 6
+    assert info.router_logits.shape == (tokens, 3) and info.expert_ids.shape == (tokens, 2)
+    assert info.expert_weights.shape == (tokens, 2) and info.kept.shape == (tokens, 2)
+    assert info.tokens_per_expert.shape == (3,) and info.tokens_per_expert.dtype == torch.long
+
+
+@pytest.mark.parametrize("router", ["topk", "expert_choice", "switch"])
+@pytest.mark.parametrize("shape", [(0, 6), (2, 0, 6), (0, 0, 6)])
+def test_zero_tokens_give_an_empty_output(shape, router):
+    moe = small(router=router, top_k=1 if router == "switch" else 2)
+    x = torch.randn(shape, requires_grad=True)
+    y, info = moe(x)
+    assert y.shape == shape and y.dtype == x.dtype
+    assert int(info.dropped) == 0 and info.tokens_per_expert.tolist() == [0, 0, 0]
+    assert float(info.aux_loss.detach()) == 0.0 and info.router_logits.shape == (0, 3)
+    (y.sum() + info.aux_loss).backward()
+
+
+def test_bad_input_is_rejected_with_the_field_named():
+    moe = small()
+    with pytest.raises(ValueError, match="hidden_size=6"):
+        moe(torch.randn(3, 5))
+    with pytest.raises(ValueError, match="hidden_size"):
+        moe(torch.tensor(1.0))
+    with pytest.raises(TypeError, match="floating-point"):
+        moe(torch.ones(3, 6, dtype=torch.long))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        moe([[0.0] * 6])
+    with pytest.raises(TypeError, match="MoEConfig"):
+        MoE({"hidden_size": 6})
+
+
+@pytest.mark.parametrize(
+    "overrides,field",
+    [
+        ({"top_k": 4}, "top_k"), ({"top_k": 0}, "top_k"), ({"capacity_factor": 0.0}, "capacity_factor"),
+        ({"capacity_factor": -1.0}, "capacity_factor"), ({"router": "hash"}, "router"),
+        ({"backend": "cuda"}, "backend"), ({"activation": "tanh"}, "activation"),
+        ({"router": "switch"}, "top_k"), ({"eval_capacity_factor": 0}, "eval_capacity_factor"),
+    ],
+)
+def test_config_errors_name_the_field(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        small(**overrides)
+
+
+def test_plain_mlp_state_dict_names_and_shapes():
+    moe = small(activation="gelu", shared_expert_intermediate_size=5)
+    shapes = {k: tuple(v.shape) for k, v in moe.state_dict().items()}
+    assert shapes == {
+        "gate.weight": (3, 6), "experts.up_proj": (3, 4, 6), "experts.down_proj": (3, 6, 4),
+        "shared_expert.gate_proj.weight": (5, 6), "shared_expert.up_proj.weight": (5, 6),
+        "shared_expert.down_proj.weight": (6, 5),
+    }
+    assert "gate.e_score_correction_bias" in small(router="sigmoid_bias").state_dict()
+    assert "gate.noise_weight" in small(router="noisy_topk").state_dict()
+
+
+GRADCHECK_CASES = [
+    ("topk", True, {}), ("switch", True, {"top_k": 1, "capacity_factor": 1.0}),
+    ("gshard", False, {"capacity_factor": 1.0}), ("noisy_topk", False, {}),
+    ("expert_choice", True, {}), ("sigmoid_bias", True, {}),
+]
+
+
+@pytest.mark.parametrize("backend", ["reference", "grouped"])
+@pytest.mark.parametrize("router,training,overrides", GRADCHECK_CASES)
+def test_gradcheck(router, training, overrides, backend):
+    torch.manual_seed(0)
+    moe = small(router=router, backend=backend, hidden_size=3, intermediate_size=2, **overrides)
+    moe = moe.double().train(training)
+    names = [n for n, _ in moe.named_parameters()]
+    params = [p.detach().clone().requires_grad_() for p in moe.parameters()]
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, *flat):
+        y, info = torch.func.functional_call(moe, dict(zip(names, flat)), (x,))
+        return y, info.aux_loss
+
+    assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-6, fast_mode=True)
+
+
+ROUTERS = ["topk", "noisy_topk", "switch", "gshard", "expert_choice", "sigmoid_bias"]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    router=st.sampled_from(ROUTERS), backend=st.sampled_from(["reference", "grouped"]),
+    experts=st.integers(1, 6), top_k=st.integers(1, 6), hidden=st.integers(1, 9), inter=st.integers(1, 9),
+    lead=st.lists(st.integers(0, 4), min_size=0, max_size=3), training=st.booleans(),
+    capacity=st.one_of(st.none(), st.floats(0.25, 2.0)),
+    activation=st.sampled_from(["swiglu", "gelu", "relu"]),
+    shared=st.integers(0, 5), seed=st.integers(0, 2**16),
+)
+def test_random_configs_match_the_reference(router, backend, experts, top_k, hidden, inter, lead, training,
+                                            capacity, activation, shared, seed):
+    top_k = {"switch": 1, "gshard": 2}.get(router, min(top_k, experts))
+    if top_k > experts:
+        return
+    config = MoEConfig(hidden_size=hidden, intermediate_size=inter, num_experts=experts, top_k=top_k,
+                       router=router, backend=backend, capacity_factor=capacity, activation=activation,
+                       shared_expert_intermediate_size=shared, shared_expert_gate=shared % 2 == 1)
+    torch.manual_seed(seed)
+    moe = MoE(config).double().train(training)
+    x = torch.randn(*lead, hidden, dtype=torch.float64)
+    torch.manual_seed(seed + 1)
+    y, info = moe(x)
+    y_ref, ids, kept = reference_moe(moe, x, info, noise_seed=seed + 1)
+    assert y.shape == x.shape and bool(torch.isfinite(y).all())
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    assert torch.equal(info.kept, kept)
+    if capacity is None:
+        assert int(info.dropped) == 0
