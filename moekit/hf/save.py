@@ -146,9 +146,12 @@ def convert(
     dtype: torch.dtype | str | None = None,
     model_type: str | None = None,
 ) -> Path:
-    """Convert checkpoint ``src`` (HF or Mistral layout) to ``dst`` in layout ``to`` (``"hf"`` or
-    ``"mistral"``), copying the tokenizer files along. Tensors stream through mmap: peak RAM is about
-    one model's worth of converted (stacked) experts at most, never two models."""
+    """Convert checkpoint ``src`` to ``dst`` in layout ``to`` (``"hf"`` or ``"mistral"``).
+
+    ``src`` is an HF or Mistral checkpoint directory (tokenizer files are copied along) or a
+    ``moekit train`` run directory (its newest checkpoint; its tokenizer is written as tokenizer.json).
+    Tensors stream through mmap and are written one shard at a time: RAM holds one model at most.
+    """
     from moekit.hf.load import from_pretrained, parse_dtype
     from moekit.hf.resolve import resolve_path
 
@@ -158,13 +161,27 @@ def convert(
     dst_dir = Path(dst)
     if dst_dir.resolve() == src_dir.resolve():
         raise ValueError(f"convert needs a destination other than the source ({src_dir})")
-    model = from_pretrained(src_dir, dtype=parse_dtype(dtype))
+    tokenizer = None
+    if (src_dir / "run.json").is_file():  # a `moekit train` run: its newest checkpoint and tokenizer
+        from moekit.train import load_run
+
+        model, tok, _ = load_run(src_dir)
+        eos = model.config.eos_token_id
+        special = {} if eos is None else {"eos_token": tok.id_to_token(eos)}
+        tokenizer = HFTokenizer(tok, special_tokens=special)
+        if dtype is not None:
+            model = model.to(parse_dtype(dtype))
+    else:
+        model = from_pretrained(src_dir, dtype=parse_dtype(dtype))
     if to == "hf":
-        save_pretrained(model, dst_dir, max_shard_size=max_shard_size or "5GB", model_type=model_type)
+        save_pretrained(model, dst_dir, max_shard_size=max_shard_size or "5GB", model_type=model_type,
+                        tokenizer=tokenizer)
     else:
         if model_type not in (None, "mixtral"):
             raise ValueError("the Mistral layout holds Mixtral models only; drop model_type")
         save_mistral(model, dst_dir, max_shard_size=max_shard_size)
+        if tokenizer is not None:
+            save_tokenizer(tokenizer, dst_dir)
     for name in TOKENIZER_FILES:
         if (src_dir / name).is_file() and not (dst_dir / name).exists():
             shutil.copyfile(src_dir / name, dst_dir / name)

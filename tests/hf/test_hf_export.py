@@ -52,3 +52,29 @@ def test_unexportable_configs_name_the_reason(tmp_path):
         model.save_pretrained(tmp_path, model_type="mixtral")
     with pytest.raises(ValueError, match="model_type must be one of"):
         model.save_pretrained(tmp_path, model_type="llama")
+
+
+def test_convert_a_moekit_training_run(tmp_path):
+    from moekit.hf import convert, load_tokenizer
+    from moekit.models import get_preset
+    from moekit.train import load_run, train
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(6):
+        (data / f"f{i}.py").write_text(f"def add{i}(a, b):\n    return a + b\n" * 20)
+    cfg = get_preset("tiny", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, intermediate_size=48, num_experts=4, vocab_size=300,
+                     max_position_embeddings=64)
+    train(tmp_path / "run", model_config=cfg, data=data, show_progress=False, log=lambda _: None,
+          train_changes=dict(max_steps=1, batch_size=2, seq_len=16, eval_every=0, eval_batches=1,
+                             warmup_steps=1, save_every=0, tokenizer_chars=5000))
+    convert(tmp_path / "run", tmp_path / "hf")
+    model, tok, _ = load_run(tmp_path / "run")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.tensor([tok.encode("def add(a, b):").ids])
+    with torch.no_grad():
+        assert (hf(ids).logits - model(ids).logits).abs().max().item() <= 1e-4
+    loaded = load_tokenizer(tmp_path / "hf")
+    assert loaded.encode("def add") == tok.encode("def add").ids
+    assert loaded.eos_token_id == model.config.eos_token_id
