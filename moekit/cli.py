@@ -202,6 +202,7 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq-len", type=int, default=None, help="tokens per window (default: the run's seq_len)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step of a run (default: the newest)")
     p.set_defaults(func=_cmd_analyze)
 
 
@@ -210,7 +211,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
     run_analysis(args.source, data=args.data, out_dir=args.out, max_tokens=args.max_tokens,
                  layers=layer_arg(args.layers), seq_len=args.seq_len, batch_size=args.batch_size,
-                 device=args.device)
+                 device=args.device, step=args.step)
     return 0
 
 

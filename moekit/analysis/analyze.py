@@ -160,11 +160,14 @@ def analyze_model(
 # ----------------------------------------------------------------------------- loading
 
 
-def load_model(path: str | os.PathLike, device: str = "cpu") -> tuple[nn.Module, Tokenizer, dict[str, Any]]:
+def load_model(
+    path: str | os.PathLike, device: str = "cpu", step: int | None = None
+) -> tuple[nn.Module, Tokenizer, dict[str, Any]]:
     """A moekit run directory (``run.json``) or a checkpoint directory (HF ``config.json`` or Mistral
     ``params.json``, loaded by :func:`moekit.from_pretrained` with its ``tokenizer.json``).
 
-    Returns ``(model, tokenizer, info)``; ``info["kind"]`` is ``"run"`` or ``"checkpoint"``.
+    ``step`` picks a run's checkpoint (default: the newest). Returns ``(model, tokenizer, info)``;
+    ``info["kind"]`` is ``"run"`` or ``"checkpoint"``.
     """
     p = Path(path)
     if not p.is_dir():
@@ -173,9 +176,11 @@ def load_model(path: str | os.PathLike, device: str = "cpu") -> tuple[nn.Module,
     if (p / "run.json").is_file():
         from moekit.train import load_run
 
-        model, tokenizer, info = load_run(p, device=device)
+        model, tokenizer, info = load_run(p, step=step, device=device)
         return model, tokenizer, {**info, "kind": "run", "path": str(p)}
     if (p / "config.json").is_file() or (p / "params.json").is_file():
+        if step is not None:
+            raise ValueError(f"--step applies to moekit runs; {p} is a checkpoint directory")
         from moekit.hf import from_pretrained, load_tokenizer
 
         model = from_pretrained(p, device=device)
@@ -237,6 +242,7 @@ def run_analysis(
     seq_len: int | None = None,
     batch_size: int = 8,
     device: str = "cpu",
+    step: int | None = None,
     log: Callable[[str], None] = print,
 ) -> tuple[Analysis, Path]:
     """Analyse the routing of ``source`` (run dir or checkpoint) and write the report to ``out_dir``
@@ -245,7 +251,7 @@ def run_analysis(
 
     if not isinstance(max_tokens, int) or max_tokens < 2:
         raise ValueError(f"max_tokens must be an int >= 2, got {max_tokens!r}")
-    model, tokenizer, info = load_model(source, device=device)
+    model, tokenizer, info = load_model(source, device=device, step=step)
     texts, data_desc = load_texts(data, info, max_chars=max_tokens * 16)
     context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if seq_len is None:

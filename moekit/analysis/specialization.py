@@ -150,7 +150,8 @@ def top_tokens(
 
     Returns one dict per expert: ``frequent`` = ``[(token, share of the expert's slots)]`` and
     ``distinctive`` = ``[(token, lift)]`` where lift = P(expert | token) / P(expert), among tokens
-    seen at least ``min_count`` times (tokens an expert takes far more often than average).
+    seen at least ``min_count`` times (tokens an expert takes far more often than average), ties
+    broken by count.
     """
     te = np.asarray(token_expert_EV, dtype=np.float64)
     if te.ndim != 2:
@@ -168,7 +169,7 @@ def top_tokens(
             ok = per_token >= min_count
             with np.errstate(divide="ignore", invalid="ignore"):
                 lift = np.where(ok, (row / np.maximum(per_token, 1)) / (per_expert[e] / total), -np.inf)
-            for v in np.argsort(-lift, kind="stable")[:k]:
+            for v in np.lexsort((-row, -lift))[:k]:  # by lift, ties by count
                 if np.isfinite(lift[v]) and row[v] > 0:
                     distinctive.append((decode(int(v)), float(lift[v])))
         out.append({"frequent": frequent, "distinctive": distinctive})

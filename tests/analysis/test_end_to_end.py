@@ -36,7 +36,7 @@ def tiny_run(tmp_path_factory):
                        num_key_value_heads=2, intermediate_size=64, num_experts=4, top_k=2, vocab_size=300,
                        max_position_embeddings=64)
     cfg = TrainConfig(max_steps=4, batch_size=2, seq_len=32, warmup_steps=1, eval_every=2, eval_batches=1,
-                      save_every=4, log_every=1, max_train_chars=20_000, max_val_chars=4_000,
+                      save_every=2, log_every=1, max_train_chars=20_000, max_val_chars=4_000,
                       tokenizer_chars=10_000, val_fraction=0.2)
     train(root / "run", model_config=model, train_config=cfg, data=data, show_progress=False,
           log=lambda s: None)
@@ -65,7 +65,8 @@ def test_cli_analyze_default_data(tiny_run, capsys):
 def test_run_analysis_with_data_file(tiny_run):
     src = tiny_run / "data" / "file03.py"
     analysis, report = run_analysis(tiny_run / "run", data=src, out_dir=tiny_run / "report_file",
-                                    max_tokens=256, seq_len=16, log=lambda s: None)
+                                    max_tokens=256, seq_len=16, step=2, log=lambda s: None)
+    assert analysis.info["step"] == 2
     assert analysis.info["documents"] == 1 and analysis.info["python_documents"] == 1
     assert analysis.detail_layers == ["model.layers.0.mlp", "model.layers.1.mlp", "model.layers.2.mlp"]
     assert analysis.info["tokens"] == 256
@@ -100,3 +101,5 @@ def test_load_model_dispatch_and_errors(tiny_run, tmp_path, capsys):
     assert "not MoE layers" in capsys.readouterr().err
     assert main(["analyze", str(tiny_run / "run"), "--seq-len", "999"]) == 2
     assert "context" in capsys.readouterr().err
+    assert main(["analyze", str(tiny_run / "run"), "--step", "3"]) == 2
+    assert "no checkpoint of step 3" in capsys.readouterr().err
