@@ -45,25 +45,36 @@ class RotaryEmbedding:
         self._tables: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
 
     def tables(self, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """``cos, sin`` of shape ``(max_positions, head_dim // 2)``."""
+        """``cos, sin`` of shape ``(max_positions, head_dim)`` in the layout :func:`apply_rope` takes.
+
+        With ``c, s`` the ``head_dim // 2`` angles' cosines and sines: ``cos = [c, c]`` and
+        ``sin = [-s, s]``, so that rotate-half is one ``roll`` (see :func:`apply_rope`).
+        """
         key = (device, dtype)
         if key not in self._tables:
             if device.type == "meta":
-                shape = (self.max_positions, self.head_dim // 2)
+                shape = (self.max_positions, self.head_dim)
                 return torch.empty(shape, device=device, dtype=dtype), torch.empty(
                     shape, device=device, dtype=dtype
                 )
             exps = torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim
             inv_freq = 1.0 / (self.theta**exps)
             angles = torch.outer(torch.arange(self.max_positions, dtype=torch.float64), inv_freq)
-            self._tables[key] = (angles.cos().to(device, dtype), angles.sin().to(device, dtype))
+            cos, sin = angles.cos(), angles.sin()
+            self._tables[key] = (
+                torch.cat([cos, cos], -1).to(device, dtype),
+                torch.cat([-sin, sin], -1).to(device, dtype),
+            )
         return self._tables[key]
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate ``x (B, S, N, hd)`` by ``cos, sin (B or 1, S, 1, hd // 2)`` (rotate-half layout)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    """Rotate ``x (B, S, N, hd)`` by tables ``cos, sin (B or 1, S, 1, hd)`` from :class:`RotaryEmbedding`.
+
+    Rotate-half layout (HF Llama / Mixtral): with ``x = [x1, x2]`` the result is
+    ``[x1 c - x2 s, x2 c + x1 s]``, computed as ``x * [c, c] + roll(x, hd/2) * [-s, s]`` (3 ops).
+    """
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
 
 
 def sliding_window_mask(q_pos: Tensor, k_pos: Tensor, window: int | None) -> Tensor:
@@ -118,37 +129,45 @@ class Attention(nn.Module):
         """``x (B, S, D) -> (B, S, D)``.
 
         Args:
-            cos, sin: rotary tables for the S positions, ``(B or 1, S, 1, hd // 2)``.
+            cos, sin: rotary tables for the S positions, ``(B or 1, S, 1, hd)``.
             mask: additive float ``(B or 1, 1, S, P)`` (0 = attend, -inf = not) or ``None`` for
                 plain causal attention.
             kv: the layer's cache ``(k, v)``, each ``(B, KV, P, hd)``; the new keys/values are
                 written at slots ``input_pos (S,)`` and attention runs over all P slots.
         """
         B, S, _ = x_BSD.shape
-        q, k, v = self.q_proj(x_BSD), self.k_proj(x_BSD), self.v_proj(x_BSD)
+        H, KV, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        # The projections go through F.linear on the modules' weights: nn.Module call overhead is a
+        # large share of a decode step at small sizes (state_dict names stay q_proj.weight, ...).
+        q = F.linear(x_BSD, self.q_proj.weight, self.q_proj.bias)
+        k = F.linear(x_BSD, self.k_proj.weight, self.k_proj.bias)
+        v = F.linear(x_BSD, self.v_proj.weight, self.v_proj.bias)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q.view(B, S, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rope(k.view(B, S, self.num_kv_heads, self.head_dim), cos, sin)
+        q = apply_rope(q.view(B, S, H, hd), cos, sin)
+        k = apply_rope(k.view(B, S, KV, hd), cos, sin)
+        if kv is not None and S == 1:
+            # Decode step: with one position, (B, 1, N, hd) and (B, N, 1, hd) share their memory
+            # layout, so no transposes; the H query heads of a group become `group` queries of
+            # their KV head for SDPA, which then reads the cache without copying K/V per head.
+            k_cache, v_cache = kv
+            if k.dtype != k_cache.dtype:
+                k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)
+            k_cache.index_copy_(2, input_pos, k.view(B, KV, 1, hd))
+            v_cache.index_copy_(2, input_pos, v.view(B, KV, 1, hd))
+            y = F.scaled_dot_product_attention(q.view(B, KV, H // KV, hd), k_cache, v_cache, attn_mask=mask)
+            return F.linear(y.reshape(B, 1, H * hd), self.o_proj.weight)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, S, hd), (B, KV, S, hd)
-        v = v.view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, S, KV, hd).transpose(1, 2)
         if kv is not None:
             k_cache, v_cache = kv
             k_cache.index_copy_(2, input_pos, k.to(k_cache.dtype))
             v_cache.index_copy_(2, input_pos, v.to(v_cache.dtype))
             k, v = k_cache, v_cache
-        group = self.num_heads // self.num_kv_heads
-        if S == 1 and group > 1:
-            # One query per row: fold the query heads of a group into the "sequence" dim, so SDPA
-            # sees KV heads with `group` queries each and no key/value copies are made.
-            y = F.scaled_dot_product_attention(
-                q.view(B, self.num_kv_heads, group, self.head_dim), k, v, attn_mask=mask
-            )
-        else:
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None and S > 1, enable_gqa=group > 1
-            )
-        return self.o_proj(y.reshape(B, self.num_heads, S, self.head_dim).transpose(1, 2).reshape(B, S, -1))
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and S > 1, enable_gqa=H > KV
+        )
+        return F.linear(y.transpose(1, 2).reshape(B, S, H * hd), self.o_proj.weight)  # (B, S, D)
 
 
 class DenseMLP(nn.Module):
@@ -161,4 +180,5 @@ class DenseMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        h = F.silu(F.linear(x, self.gate_proj.weight)) * F.linear(x, self.up_proj.weight)
+        return F.linear(h, self.down_proj.weight)

@@ -75,8 +75,9 @@ class DecoderLayer(nn.Module):
         kv: tuple[Tensor, Tensor] | None,
         input_pos: Tensor | None,
     ) -> tuple[Tensor, RoutingInfo | None]:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, input_pos)
-        h = self.post_attention_layernorm(x)
+        # Norms are called through .forward: module-call overhead matters in small decode steps.
+        x = x + self.self_attn(self.input_layernorm.forward(x), cos, sin, mask, kv, input_pos)
+        h = self.post_attention_layernorm.forward(x)
         if self.is_moe:
             y, info = self.mlp(h)
             return x + y, info
@@ -124,7 +125,7 @@ class MoEModel(nn.Module):
                 mask = None
             else:
                 mask = additive_mask(sliding_window_mask(pos, pos, window), x.dtype)
-        cos, sin = cos_t[pos].unsqueeze(-2), sin_t[pos].unsqueeze(-2)  # (B or 1, S, 1, hd/2)
+        cos, sin = cos_t[pos].unsqueeze(-2), sin_t[pos].unsqueeze(-2)  # (B or 1, S, 1, hd)
         if cos.dim() == 3:
             cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
         routing: list[RoutingInfo] = []
