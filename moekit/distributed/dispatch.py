@@ -45,12 +45,14 @@ class ExpertParallelMeta(DispatchMeta):
         send_splits: rows sent to each peer in dispatch (``P`` ints).
         recv_splits: rows received from each peer in dispatch (``P`` ints).
         recv_counts_PE: int64 ``(P, E_l)`` rows received from each peer for each local expert.
+        x_MD: the rows handed to the local experts (kept to tie an empty expert output to the graph).
     """
 
     regroup_M: Tensor
     send_splits: list[int]
     recv_splits: list[int]
     recv_counts_PE: Tensor
+    x_MD: Tensor | None = None
 
 
 def source_major_to_expert_major(recv_counts_PE: Tensor) -> Tensor:
@@ -152,12 +154,19 @@ class ExpertParallelDispatcher:
         recv_splits = recv_PE.sum(1).tolist()
         x_RD = all_to_all(x_SD, recv_splits, send_splits, self.group)
         regroup_M = source_major_to_expert_major(recv_PE)
+        x_MD = x_RD[regroup_M]
         meta = ExpertParallelMeta(**vars(local_meta), regroup_M=regroup_M, send_splits=send_splits,
-                                  recv_splits=recv_splits, recv_counts_PE=recv_PE)
-        return x_RD[regroup_M], recv_PE.sum(0), meta
+                                  recv_splits=recv_splits, recv_counts_PE=recv_PE, x_MD=x_MD)
+        return x_MD, recv_PE.sum(0), meta
 
     def combine(self, y_MD: Tensor, weights_TK: Tensor, meta: ExpertParallelMeta) -> Tensor:
         """Return each row to the rank that owns its token and take the weighted sum there, ``(T, D)``."""
+        if y_MD.shape[0] == 0 and torch.is_grad_enabled() and meta.x_MD is not None:
+            # No rows for the local experts: their (empty) output may be cut off the autograd graph,
+            # yet both exchanges' backward passes are collectives every rank must join.
+            y_MD = y_MD + meta.x_MD.sum() * 0
+            if not y_MD.requires_grad:
+                y_MD = y_MD.detach().requires_grad_()
         y_RD = torch.empty_like(y_MD).index_copy(0, meta.regroup_M, y_MD)
         y_SD = all_to_all(y_RD, meta.send_splits, meta.recv_splits, self.group)
         if meta.num_tokens == 0:  # stay on the autograd graph: the backward exchange needs every rank

@@ -24,14 +24,22 @@ CONFIGS = [
 ]
 
 
-def check_layer(overrides: dict, pg: G.ParallelGroups, tokens_per_rank: int = 13) -> None:
+def check_layer(
+    overrides: dict, pg: G.ParallelGroups, tokens_per_rank: int = 13, only_upper: bool = False
+) -> None:
+    """``only_upper``: route every token to experts 4..7 (EP rank 0's experts get no rows at all)."""
     world, rank = pg.world_size, pg.rank
     cfg = MoEConfig(hidden_size=12, intermediate_size=16, num_experts=8, **overrides)
     torch.manual_seed(0)
     full = MoE(cfg).double().train()
-    ep = parallelize_moe(copy.deepcopy(full), pg)
     gen = torch.Generator().manual_seed(1)
     x_all = torch.randn(world * tokens_per_rank, 12, dtype=torch.float64, generator=gen)
+    if only_upper:  # positive inputs, gate rows 0..3 zero and 4..7 positive: experts 4..7 win
+        x_all = x_all.abs()
+        with torch.no_grad():
+            full.gate.weight[:4] = 0.0
+            full.gate.weight[4:] = full.gate.weight[4:].abs() + 0.1
+    ep = parallelize_moe(copy.deepcopy(full), pg)
     g_all = torch.randn(world * tokens_per_rank, 12, dtype=torch.float64, generator=gen)
     rows = slice(rank * tokens_per_rank, (rank + 1) * tokens_per_rank)
 

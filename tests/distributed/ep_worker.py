@@ -37,6 +37,7 @@ def main() -> None:
           for i, o in enumerate(layer_checks.CONFIGS)],
         # EP size 1 inside 2-way data parallelism: expert gradients summed over the expert-DP group.
         ("layer_dp", lambda: layer_checks.check_layer({"router": "topk"}, G.new_expert_parallel_groups(1))),
+        ("empty_experts", lambda: layer_checks.check_layer({"router": "topk"}, pg, only_upper=True)),
         ("layer_errors", lambda: layer_checks.check_errors(pg)),
         ("zero_tokens", lambda: layer_checks.check_zero_tokens(pg)),
         ("expert_choice", lambda: layer_checks.check_expert_choice(pg)),

@@ -8,7 +8,7 @@ import random
 import pytest
 from ep_launch import launch
 
-pytestmark = [pytest.mark.distributed, pytest.mark.xdist_group("distributed")]
+pytestmark = [pytest.mark.distributed, pytest.mark.xdist_group(name="distributed")]
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +60,10 @@ def test_ep_inside_data_parallel_matches_single_process(run):
 
 def test_num_experts_not_divisible_by_ep_size_raises(run):
     passed(run, "layer_errors")
+
+
+def test_rank_whose_experts_get_no_rows_still_joins_the_backward_exchange(run):
+    passed(run, "empty_experts")
 
 
 def test_rank_without_tokens_joins_the_exchange(run):
