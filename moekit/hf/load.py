@@ -18,7 +18,14 @@ from typing import Any
 import torch
 
 from moekit.hf import config_map, keymap
-from moekit.hf.checkpoint import CheckpointError, TensorInfo, TensorReader, find_tensors
+from moekit.hf.checkpoint import (
+    INDEX_NAME,
+    SINGLE_NAME,
+    CheckpointError,
+    TensorInfo,
+    TensorReader,
+    find_tensors,
+)
 from moekit.hf.resolve import resolve_path
 from moekit.models import ModelConfig, MoEForCausalLM
 
@@ -56,8 +63,13 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def detect_layout(root: Path) -> str:
-    """``"hf"`` (config.json) or ``"mistral"`` (params.json); ValueError when neither is there."""
-    if (root / "config.json").is_file():
+    """``"hf"`` (config.json) or ``"mistral"`` (params.json); FileNotFoundError when neither is there.
+
+    A directory with both (some hub repos ship both layouts) is read as HF when its HF weights are
+    there, else as Mistral's.
+    """
+    hf_weights = (root / INDEX_NAME).is_file() or (root / SINGLE_NAME).is_file()
+    if (root / "config.json").is_file() and (hf_weights or not (root / "params.json").is_file()):
         return "hf"
     if (root / "params.json").is_file():
         return "mistral"

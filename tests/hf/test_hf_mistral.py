@@ -2,6 +2,7 @@
 permutation matches Mistral's interleaved (complex) RoPE."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -61,6 +62,8 @@ def test_hf_to_mistral_and_back_is_exact(tmp_path):
     assert {"tok_embeddings.weight", "output.weight", "layers.0.attention.wq.weight",
             "layers.1.feed_forward.experts.3.w2.weight", "layers.0.feed_forward.gate.weight"} <= keys
     ids = torch.randint(0, 96, (1, 9), generator=torch.Generator().manual_seed(0))
+    # hub repos may ship config.json next to params.json: without HF weights it is Mistral's layout
+    shutil.copy(tmp_path / "hf" / "config.json", tmp_path / "mistral" / "config.json")
     with torch.no_grad():
         ref = hf(ids).logits
         assert (from_pretrained(tmp_path / "mistral")(ids).logits - ref).abs().max() <= 1e-4
