@@ -98,6 +98,9 @@ class _BaseMixtureOfExperts(BaseEstimator):
         if gf is None:
             return np.arange(n_features)
         arr = np.asarray(gf)
+        if arr.size == 0:
+            raise ValueError("gate_features selects no column; use gate='constant' for a gate "
+                             "without features")
         if arr.dtype == bool:
             if arr.shape != (n_features,):
                 raise ValueError(f"gate_features as a boolean mask must have length n_features={n_features}, "
@@ -106,9 +109,6 @@ class _BaseMixtureOfExperts(BaseEstimator):
         elif arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
             raise ValueError("gate_features must be None, a list of column indices or a boolean mask; "
                              f"got {gf!r}")
-        if arr.size == 0:
-            raise ValueError("gate_features selects no column; use gate='constant' for a gate "
-                             "without features")
         if arr.min() < -n_features or arr.max() >= n_features:
             raise ValueError(f"gate_features indices must lie in [-{n_features}, {n_features}), got {gf!r}")
         return np.unique(arr % n_features)

@@ -58,7 +58,7 @@ class LinearGaussianExperts:
 
     def m_step(self, X: np.ndarray, y: np.ndarray, R: np.ndarray, alive: np.ndarray) -> None:
         n, K = R.shape
-        if self._X1 is None:
+        if not hasattr(self, "B_"):  # first M-step: the initial responsibilities
             self.x_mean_ = X.mean(axis=0)
             self.B_ = np.zeros((K, X.shape[1] + 1))
             self.sigma2_ = np.full(K, max(float(np.var(y)), self.var_floor))
@@ -149,7 +149,7 @@ class LogisticExperts:
 
     def m_step(self, X: np.ndarray, y: np.ndarray, R: np.ndarray, alive: np.ndarray) -> None:
         K, C = self.n_experts, self.n_classes
-        if self._Z1 is None:
+        if not hasattr(self, "W_"):  # first M-step: the initial responsibilities
             self.x_mean_ = X.mean(axis=0)
             sd = X.std(axis=0)
             self.x_scale_ = np.where(sd > 0, sd, 1.0)

@@ -73,7 +73,7 @@ class EstimatorExperts:
     def _fit_one(self, k: int, X: np.ndarray, y: np.ndarray, R: np.ndarray):
         est = clone(self.templates[k])
         if self.soft_[k]:
-            return est.fit(X, y, sample_weight=R[:, k])
+            return est.fit(X, y, sample_weight=np.ascontiguousarray(R[:, k]))
         mask = R.argmax(axis=1) == k
         enough = mask.sum() >= 2 and (self.kind == "regression" or np.unique(y[mask]).size >= 2)
         if not enough:

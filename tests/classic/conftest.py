@@ -18,6 +18,11 @@ def two_lines(n: int = 600, seed: int = 0, gated: bool = False):
 
 
 @pytest.fixture
+def make_two_lines():
+    return two_lines
+
+
+@pytest.fixture
 def two_line_data():
     return two_lines()
 
