@@ -58,14 +58,17 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+CLOCK: Callable[[], float] = time.perf_counter
+
+
 def time_call(fn: Callable[[], object], device: str, repeat: int) -> float:
     """Seconds per call, averaged over ``repeat`` back-to-back calls."""
     sync(device)
-    start = time.perf_counter()
+    start = CLOCK()
     for _ in range(repeat):
         fn()
     sync(device)
-    return (time.perf_counter() - start) / repeat
+    return (CLOCK() - start) / repeat
 
 
 def measure(modules: dict[str, torch.nn.Module], x: torch.Tensor, backward: bool, rounds: int,
@@ -130,16 +133,20 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--tokens", type=int, nargs="*", help="override the token counts")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="cpu = this process's CPU time (with --threads 1: robust on a shared machine)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     shapes = dict(CUDA_SHAPES if args.device == "cuda" else CPU_SHAPES)
     if args.tokens:
         shapes["tokens"] = tuple(args.tokens)
     modules = build(shapes, args.device, args.backend)
     print(f"# device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} "
           f"D={shapes['hidden']} F={shapes['inter']} E={shapes['experts']} k={shapes['top_k']} "
-          f"dtype={shapes['dtype']} backend={args.backend}")
+          f"dtype={shapes['dtype']} backend={args.backend} clock={args.clock}")
     peaks = device_peaks(shapes["dtype"]) if args.device == "cuda" else None
     if peaks:
         print(f"# measured peak {peaks[0] / 1e12:.1f} TFLOP/s, copy bandwidth {peaks[1] / 1e9:.0f} GB/s")

@@ -82,12 +82,13 @@ class MoE(nn.Module):
             y_TD = self.experts.forward_slots(x_TD, routing.ids_TK, routing.weights_TK)
             kept_TK = torch.ones_like(routing.ids_TK, dtype=torch.bool)
             counts_E = torch.bincount(routing.ids_TK.reshape(-1), minlength=config.num_experts)
+            dropped = torch.zeros((), dtype=torch.long)
         else:
             x_SD, counts_E, meta = self.dispatcher.dispatch(x_TD, routing, capacity)
             y_SD = self.experts(x_SD, counts_E)
             y_TD = self.dispatcher.combine(y_SD, routing.weights_TK, meta)
             # meta.counts_E: (E,) this rank's computed slots per global expert, also under expert parallelism.
-            kept_TK, counts_E = meta.kept_TK, meta.counts_E
+            kept_TK, counts_E, dropped = meta.kept_TK, meta.counts_E, None
         if config.routed_scaling_factor != 1.0:
             y_TD = y_TD * config.routed_scaling_factor
         if config.shared_expert_intermediate_size > 0:
@@ -95,13 +96,19 @@ class MoE(nn.Module):
             if self.shared_expert_gate is not None:
                 shared_TD = torch.sigmoid(self.shared_expert_gate(x_TD)) * shared_TD
             y_TD = y_TD + shared_TD
-        info = self._routing_info(routing, kept_TK, counts_E)
+        info = self._routing_info(routing, kept_TK, counts_E, dropped)
         return MoEOutput(y_TD.reshape(x.shape).to(x.dtype), info)
 
     def _use_slot_path(self, routing: RouterOutput, capacity: int | None) -> bool:
-        """Small CPU batches (decode steps) skip sort/dispatch: see ``Experts.forward_slots``."""
+        """Small CPU inference batches (decode steps) skip sort/dispatch: see ``Experts.forward_slots``.
+
+        Only without autograd and in eval mode (no losses are computed then either); with autograd the
+        grouped path is better: one weight-gradient write instead of one per slot.
+        """
         return (
-            routing.ids_TK.numel() <= SLOT_PATH_MAX_SLOTS
+            not self.training
+            and not torch.is_grad_enabled()
+            and routing.ids_TK.numel() <= SLOT_PATH_MAX_SLOTS
             and routing.ids_TK.device.type == "cpu"
             and capacity is None
             and not routing.may_skip
@@ -109,15 +116,19 @@ class MoE(nn.Module):
             and type(self.dispatcher) is Dispatcher
         )
 
-    def _routing_info(self, routing: RouterOutput, kept_TK: Tensor, counts_E: Tensor) -> RoutingInfo:
+    def _routing_info(
+        self, routing: RouterOutput, kept_TK: Tensor, counts_E: Tensor, dropped: Tensor | None = None
+    ) -> RoutingInfo:
         config = self.config
-        num_routed = (routing.ids_TK >= 0).sum() if routing.may_skip else routing.ids_TK.numel()
+        if dropped is None:
+            num_routed = (routing.ids_TK >= 0).sum() if routing.may_skip else routing.ids_TK.numel()
+            dropped = num_routed - counts_E.sum()
         if not self.training and not torch.is_grad_enabled():
             # Inference: no losses to train on; skip their cost (moekit.core.losses computes them
             # from router_logits when wanted).
             zero = torch.zeros((), device=counts_E.device)
-            return RoutingInfo(zero, {}, counts_E, num_routed - counts_E.sum(), routing.logits_TE,
-                               routing.ids_TK, routing.weights_TK, kept_TK)
+            return RoutingInfo(zero, {}, counts_E, dropped, routing.logits_TE, routing.ids_TK,
+                               routing.weights_TK, kept_TK)
         routed_E = expert_counts(routing.ids_TK, config.num_experts)
         if self.balance_stats is not None and self.training:
             routed_E = self.balance_stats.add(routed_E)
@@ -133,7 +144,7 @@ class MoE(nn.Module):
             aux_loss=aux_loss,
             losses=losses,
             tokens_per_expert=counts_E,
-            dropped=num_routed - counts_E.sum(),
+            dropped=dropped,
             router_logits=routing.logits_TE,
             expert_ids=routing.ids_TK,
             expert_weights=routing.weights_TK,

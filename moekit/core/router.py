@@ -61,9 +61,12 @@ class TopKRouter(Router):
     def forward(self, x_TD: Tensor) -> RouterOutput:
         logits_TE = self.logits(x_TD)
         probs_TE = torch.softmax(logits_TE, dim=-1)
-        weights_TK, ids_TK = torch.topk(probs_TE, self.top_k, dim=-1)
-        if self.norm_topk_prob and self.top_k > 1:
-            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+        if self.norm_topk_prob:
+            # softmax over all E then renormalising the top K == softmax over the top-K logits
+            top_TK, ids_TK = torch.topk(logits_TE, self.top_k, dim=-1)
+            weights_TK = torch.softmax(top_TK, dim=-1)
+        else:
+            weights_TK, ids_TK = torch.topk(probs_TE, self.top_k, dim=-1)
         return RouterOutput(weights_TK, ids_TK, logits_TE, probs_TE)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -63,9 +65,10 @@ def test_register_backend_plugs_into_the_layer():
 def test_fast_paths_agree_with_reference_backend(num_tokens, grad_enabled):
     """T*K <= 8 takes the CPU slot path, larger T the dispatch path; both against the reference loop."""
     torch.manual_seed(num_tokens)
-    fast = MoE(MoEConfig(hidden_size=16, intermediate_size=32, num_experts=4, top_k=2)).double().eval()
-    ref = MoE(MoEConfig(hidden_size=16, intermediate_size=32, num_experts=4, top_k=2, backend="reference"))
-    ref = ref.double().eval()
+    config = MoEConfig(hidden_size=16, intermediate_size=32, num_experts=4, top_k=2,
+                       routed_scaling_factor=1.5, shared_expert_intermediate_size=8, shared_expert_gate=True)
+    fast = MoE(config).double().eval()
+    ref = MoE(dataclasses.replace(config, backend="reference")).double().eval()
     ref.load_state_dict(fast.state_dict())
     x = torch.randn(num_tokens, 16, dtype=torch.float64, requires_grad=grad_enabled)
     with torch.set_grad_enabled(grad_enabled):
@@ -80,6 +83,25 @@ def test_fast_paths_agree_with_reference_backend(num_tokens, grad_enabled):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     else:
         assert info.losses == {} and float(info.aux_loss) == 0.0  # inference skips the loss math
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_slot_path_gradients_match_dispatch_path(activation):
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(hidden_size=8, intermediate_size=6, num_experts=5, top_k=2, activation=activation))
+    moe = moe.double()
+    x = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    routing = moe.gate(x)
+    y_slots = moe.experts.forward_slots(x, routing.ids_TK, routing.weights_TK)
+    x_sd, counts, meta = moe.dispatcher.dispatch(x, routing)
+    y_ref = moe.dispatcher.combine(moe.experts(x_sd, counts), routing.weights_TK, meta)
+    torch.testing.assert_close(y_slots, y_ref, rtol=1e-12, atol=1e-12)
+    params = [x, *moe.parameters()]
+    for a, b in zip(torch.autograd.grad(y_slots.sum(), params, allow_unused=True, retain_graph=True),
+                    torch.autograd.grad(y_ref.sum(), params, allow_unused=True)):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_float32_grouped_mm_path_matches_float64_reference():
