@@ -191,13 +191,15 @@ class TensorReader:
         if tuple(out.shape) != info.shape or src_dtype is None:
             out.copy_(self(name))
             return
+        if info.nbytes == 0:
+            return
         direct = out.device.type == "cpu" and out.dtype == src_dtype and out.is_contiguous()
         buf = out if direct else torch.empty(info.shape, dtype=src_dtype)
         f = self._files.get(info.file)
         if f is None:
             f = self._files[info.file] = open(info.file, "rb")  # noqa: SIM115 - closed in close()
         f.seek(info.offset)
-        view = memoryview(buf.view(-1).view(torch.uint8).numpy()) if buf.numel() else memoryview(b"")
+        view = memoryview(buf.view(-1).view(torch.uint8).numpy())
         if f.readinto(view) != info.nbytes:
             raise CheckpointError(f"{info.file}: truncated while reading tensor {name!r}")
         if not direct:

@@ -200,14 +200,13 @@ def build(
         raise ValueError(f"Source.op must be 'copy', 'stack' or 'rope', got {src.op!r}")
     out = torch.empty(src.shape, dtype=dtype or get(src.parts[0][0]).dtype, device=device)
     for e, names in enumerate(src.parts):
-        row = 0
-        for name in names:
-            rows = src.shape[1] // len(names) if read_into is not None else get(name).shape[0]
+        rows = src.shape[1] // len(names)  # gate and up parts have equal shapes (checked by the plan)
+        for i, name in enumerate(names):
+            part = out[e, i * rows:(i + 1) * rows]
             if read_into is not None:
-                read_into(name, out[e, row:row + rows])
+                read_into(name, part)
             else:
-                out[e, row:row + rows].copy_(get(name))
-            row += rows
+                part.copy_(get(name))
     return out
 
 
