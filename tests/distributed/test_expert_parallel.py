@@ -1,19 +1,23 @@
-"""Expert parallelism on 2 CPU processes (gloo), spawned once for the whole module (start-up is costly).
+"""Expert parallelism on 2 CPU processes (gloo), spawned once per test session (start-up is costly).
 
-Each test checks that its section of the run passed on both ranks (see ep_worker.py).
+Each test checks that its section of the run passed on both ranks (see ep_worker.py). Under
+pytest-xdist the workers share the run through a lock file (``--dist loadgroup`` does not keep these
+tests on one worker with this pytest), so the two processes start once per session.
 """
 
+import fcntl
+import json
+import os
 import random
+from pathlib import Path
 
 import pytest
 from ep_launch import launch
 
-pytestmark = [pytest.mark.distributed, pytest.mark.xdist_group(name="distributed")]
+pytestmark = pytest.mark.distributed
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ep")
+def _launch(tmp: Path) -> dict:
     rng = random.Random(0)
     words = ["def", "class", "return", "self", "import", "for", "while", "if", "else", "try", "with",
              "lambda", "yield", "pass", "None", "True", "print", "range", "len"]
@@ -23,8 +27,24 @@ def run(tmp_path_factory):
     try:
         outs = launch("ep_worker.py", str(tmp), str(tmp / "data.txt"), nprocs=2, timeout=300)
     except AssertionError as err:  # every test then fails with the ranks' output
-        return {"error": str(err)}
-    return {"outs": outs, "tmp": tmp}
+        return {"error": str(err), "tmp": str(tmp)}
+    return {"outs": outs, "tmp": str(tmp)}
+
+
+@pytest.fixture(scope="session")
+def run(tmp_path_factory):
+    run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if run_id is None:  # one pytest process
+        return _launch(tmp_path_factory.mktemp("ep"))
+    shared = tmp_path_factory.getbasetemp().parent / f"moekit-ep-{run_id}"  # same dir for all workers
+    shared.mkdir(exist_ok=True)
+    with open(shared / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the first worker launches, the others wait and read
+        result = shared / "result.json"
+        if not result.exists():
+            (shared / "run").mkdir(exist_ok=True)
+            result.write_text(json.dumps(_launch(shared / "run")))
+        return json.loads(result.read_text())
 
 
 def passed(run, section, ranks=(0, 1)):
@@ -77,8 +97,8 @@ def test_expert_choice_routes_within_each_rank(run):
 def test_sharded_checkpoint_round_trip_2_1_2(run):
     passed(run, "checkpoint")
     for name in ("two", "one"):
-        assert (run["tmp"] / name / "sharding.json").is_file()
-    assert sorted(p.name for p in (run["tmp"] / "two").glob("model-experts-*")) == [
+        assert (Path(run["tmp"]) / name / "sharding.json").is_file()
+    assert sorted(p.name for p in (Path(run["tmp"]) / "two").glob("model-experts-*")) == [
         "model-experts-00000-of-00002.safetensors", "model-experts-00001-of-00002.safetensors"]
 
 
