@@ -194,7 +194,8 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default=None,
                    help="text to analyse: a file, a directory or a .jsonl "
                         "(default: the run's validation split)")
-    p.add_argument("--out", default=None, help="report directory (default: RUN_OR_MODEL/analysis)")
+    p.add_argument("--out", default=None,
+                   help="report directory (default: RUN/analysis; ./analysis-NAME for a checkpoint)")
     p.add_argument("--max-tokens", type=int, default=16384, help="tokens of text run through the model")
     p.add_argument("--layers", nargs="+", default=None, metavar="LAYER",
                    help="decoder layer indices (or module names) shown in detail "

@@ -246,7 +246,8 @@ def run_analysis(
     log: Callable[[str], None] = print,
 ) -> tuple[Analysis, Path]:
     """Analyse the routing of ``source`` (run dir or checkpoint) and write the report to ``out_dir``
-    (default ``SOURCE/analysis``). Returns ``(analysis, path of report.html)``."""
+    (default: ``SOURCE/analysis`` for a run, ``./analysis-<checkpoint name>`` for a checkpoint, whose
+    directory may be a read-only cache). Returns ``(analysis, path of report.html)``."""
     from moekit.analysis.report import text_summary, write_report
 
     if not isinstance(max_tokens, int) or max_tokens < 2:
@@ -267,7 +268,10 @@ def run_analysis(
     analysis.info.update(source=str(source), data=data_desc, kind=info["kind"], step=info.get("step"))
     if info["kind"] == "run":
         analysis.training_curves = read_metrics(source)
-    out = Path(out_dir) if out_dir is not None else Path(source) / "analysis"
+    if out_dir is None:
+        name = Path(source).resolve().name
+        out_dir = Path(source) / "analysis" if info["kind"] == "run" else Path(f"analysis-{name}")
+    out = Path(out_dir)
     report = write_report(analysis, out)
     log(text_summary(analysis))
     log(f"report: {report}")

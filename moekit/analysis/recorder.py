@@ -210,6 +210,9 @@ class RoutingRecorder:
         layers: decoder layer indices or module names to record (None = every MoE layer).
         sample_tokens: first choices kept per layer for the coloured text sample.
         reservoir_size: tokens kept per layer for the random-pair baseline.
+        keep_raw: also keep every call's raw routing in ``raw[name]`` as a list of
+            ``(ids_TK, weights_TK, logits_TE)`` NumPy arrays; memory then grows with the tokens, so
+            this is for short texts (the aggregates never need it).
     """
 
     def __init__(
@@ -220,6 +223,7 @@ class RoutingRecorder:
         sample_tokens: int = 512,
         reservoir_size: int = 2048,
         seed: int = 0,
+        keep_raw: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -232,6 +236,8 @@ class RoutingRecorder:
         self.layers = _select(found, layers)
         self.sample_tokens, self.reservoir_size, self.seed = sample_tokens, reservoir_size, seed
         self.records: dict[str, LayerRecord] = {}
+        self.keep_raw = keep_raw
+        self.raw: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
         self._token_ids: np.ndarray | None = None
         self._categories: np.ndarray | None = None
         self._handles: list[Any] = []
@@ -309,3 +315,6 @@ class RoutingRecorder:
                 sample_tokens=self.sample_tokens, reservoir_size=self.reservoir_size, seed=self.seed,
             )
         rec.update(ids, weights, ent, kept, dropped, shape, tok, cats)
+        if self.keep_raw:
+            logits = info.router_logits.detach().float().cpu().numpy()
+            self.raw.setdefault(name, []).append((ids, weights, logits))

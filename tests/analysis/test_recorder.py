@@ -114,6 +114,18 @@ def test_hooks_are_removed_and_layer_selection(batches, make_toy):
         RoutingRecorder(model).set_inputs(np.zeros(3))
 
 
+def test_keep_raw_returns_every_call(batches, make_toy):
+    model = make_toy()
+    rec = run(model, batches[:2], keep_raw=True)
+    for name, infos in model.seen.items():
+        assert len(rec.raw[name]) == 2
+        for (ids, w, logits), info in zip(rec.raw[name], infos):
+            np.testing.assert_array_equal(ids, info.expert_ids.numpy())
+            np.testing.assert_array_equal(w, info.expert_weights.detach().numpy())
+            np.testing.assert_array_equal(logits, info.router_logits.detach().numpy())
+    assert run(model, batches[:1]).raw == {}
+
+
 def test_without_set_inputs_uses_the_moe_input_shape(make_toy):
     model = make_toy()
     with RoutingRecorder(model) as rec:
