@@ -124,14 +124,14 @@ def main() -> None:
     diff = max(abs(a - b) for a, b in zip(runs["moekit"][0]["logits"], runs["transformers"][0]["logits"]))
     print(f"checkpoint: {size / 1e9:.2f} GB = {size / 2**20:.0f} MiB float32 in {len(files)} shards, "
           f"{args.repeats} rounds, medians")
-    print(f"{'':14s}{'load s':>9s}{'load+touch s':>14s}{'peak RSS MiB':>14s}{'peak-base MiB':>15s}")
+    print(f"{'':20s}{'load s':>9s}{'load+touch s':>14s}{'peak RSS MiB':>14s}{'peak-base MiB':>15s}")
     for side, m in med.items():
-        print(f"{side:14s}{m['load']:9.2f}{m['touch']:14.2f}{m['peak_mb']:14.0f}{m['delta_mb']:15.0f}")
+        print(f"{side:20s}{m['load']:9.2f}{m['touch']:14.2f}{m['peak_mb']:14.0f}{m['delta_mb']:15.0f}")
     best = {side: {k: min(r[k] for r in rs) for k in ("load", "touch")} for side, rs in runs.items()}
     for side, x in best.items():
-        print(f"{side + ' (min)':14s}{x['load']:9.2f}{x['touch']:14.2f}")
+        print(f"{side + ' (min)':20s}{x['load']:9.2f}{x['touch']:14.2f}")
     m, t = med["moekit"], med["transformers"]
-    print(f"{'moekit/hf':14s}{m['load'] / t['load']:8.2f}x{m['touch'] / t['touch']:13.2f}x"
+    print(f"{'moekit/transformers':20s}{m['load'] / t['load']:8.2f}x{m['touch'] / t['touch']:13.2f}x"
           f"{m['peak_mb'] / t['peak_mb']:13.2f}x{m['delta_mb'] / t['delta_mb']:14.2f}x")
     for side, x in med.items():
         print(f"{side}: peak-base = {x['delta_mb'] * 2**20 / size:.2f}x the checkpoint size")
