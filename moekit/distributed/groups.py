@@ -44,8 +44,8 @@ def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIME
         return
     missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
-        raise RuntimeError(
-            f"init_distributed needs the launcher's environment variables (missing {missing}); "
+        raise ValueError(
+            f"expert parallelism needs the launcher's environment variables (missing {missing}); "
             "start the job with `torchrun --nproc-per-node N ...`"
         )
     if backend is None:

@@ -76,6 +76,10 @@ def parallelize_moe(
         ValueError: a layer's ``num_experts`` is not divisible by ``groups.ep_size``, or a layer is
             already sharded.
     """
+    if not isinstance(groups, ParallelGroups):
+        raise TypeError(
+            f"groups must be ParallelGroups (from new_expert_parallel_groups), got {type(groups).__name__}"
+        )
     if groups.ep_group is None:
         raise ValueError("parallelize_moe needs groups from new_expert_parallel_groups (ep_group is None)")
     replaced: dict[int, nn.Parameter] = {}

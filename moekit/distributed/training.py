@@ -48,7 +48,7 @@ class ExpertParallelRun:
 
     Raises:
         ValueError: ``ep_size`` does not divide the number of ranks.
-        RuntimeError: not launched by torchrun (no ``RANK`` / ``WORLD_SIZE`` in the environment).
+        ValueError: not launched by torchrun (no ``RANK`` / ``WORLD_SIZE`` in the environment).
     """
 
     def __init__(self, ep_size: int, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
@@ -83,8 +83,9 @@ class ExpertParallelRun:
         dist.broadcast_object_list(box, src=0)
         if error is not None:
             raise error
-        if box[0] is not None:
-            raise RuntimeError(f"rank 0 failed: {box[0]}")
+        if box[0] is not None:  # a usage error on rank 0 stays a usage error on every rank
+            kind = ValueError if box[0].startswith(("ValueError", "TypeError")) else RuntimeError
+            raise kind(f"rank 0 failed: {box[0]}")
         return result if self.is_main else box[1]
 
     def any_rank(self, flag: bool) -> bool:
