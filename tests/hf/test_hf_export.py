@@ -78,3 +78,6 @@ def test_convert_a_moekit_training_run(tmp_path):
     loaded = load_tokenizer(tmp_path / "hf")
     assert loaded.encode("def add") == tok.encode("def add").ids
     assert loaded.eos_token_id == model.config.eos_token_id
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert hf_tok.encode("def add(a, b):") == tok.encode("def add(a, b):").ids
+    assert hf_tok.eos_token_id == model.config.eos_token_id
