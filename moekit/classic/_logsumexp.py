@@ -25,7 +25,8 @@ def _reduce(op, a: np.ndarray, axis: int) -> np.ndarray:
 def logsumexp(a: np.ndarray, axis: int, keepdims: bool = False) -> np.ndarray:
     """``log(sum(exp(a), axis))`` computed stably; all ``-inf`` slices give ``-inf``."""
     m = np.expand_dims(_reduce(np.maximum, a, axis), axis)
-    m[~np.isfinite(m)] = 0.0
+    if not np.isfinite(m).all():  # an all -inf slice: any finite shift will do
+        m[~np.isfinite(m)] = 0.0
     s = _reduce(np.add, np.exp(a - m), axis)
     with np.errstate(divide="ignore"):
         out = np.log(s, out=s) + np.squeeze(m, axis=axis)

@@ -151,7 +151,7 @@ class _BaseMixtureOfExperts(BaseEstimator):
         R[np.arange(n), labels] = 1.0
         return R
 
-    def _m_step(self, block, gates, X, y, Z1, posts: list[np.ndarray]) -> np.ndarray:
+    def _m_step(self, block, gates, X, y, Z1, posts: list[np.ndarray], log_gates=None) -> np.ndarray:
         n = X.shape[0]
         R = posts[-1]
         alive = R.sum(axis=0) >= _DEAD_FRACTION * n
@@ -163,7 +163,8 @@ class _BaseMixtureOfExperts(BaseEstimator):
             T_all = posts[l + 1].reshape(n, m, b)
             for j in range(m):
                 W[j] = fit_softmax(Z1, T_all[:, j, :], W[j], alpha=self.gate_alpha, solver=self.gate_solver,
-                                   max_iter=self.gate_max_iter, tol=self._inner_tol())
+                                   max_iter=self.gate_max_iter, tol=self._inner_tol(),
+                                   log_p0=None if log_gates is None else log_gates[l][:, j, :])
         return alive
 
     def _inner_tol(self) -> float:
@@ -192,7 +193,7 @@ class _BaseMixtureOfExperts(BaseEstimator):
                 converged = True
                 break
             posts = [np.exp(lp) for lp in downward(log_gates, log_lik)]
-            alive = self._m_step(block, gates, X, y, Z1, posts)
+            alive = self._m_step(block, gates, X, y, Z1, posts, log_gates)
         if not converged:  # final E-step: the returned parameters get their own log-likelihood
             log_lik = upward(self._log_gates(gates, Z1), block.log_density(X, y, train=True))
             ll = float(log_lik[0].sum())

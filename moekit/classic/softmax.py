@@ -26,7 +26,7 @@ from ._logsumexp import logsumexp
 
 _ARMIJO = 1e-4
 _MAX_HALVINGS = 30
-_HESSIAN_ROWS = 16_384
+_HESSIAN_ROWS = 8_192
 
 
 def softmax_objective(W: np.ndarray, Z1: np.ndarray, T: np.ndarray, alpha: float) -> float:
@@ -74,11 +74,15 @@ def _hessian(Z1: np.ndarray, P: np.ndarray, w: np.ndarray, alpha: float) -> np.n
     return H
 
 
-def _fit_newton(W, Z1, T, alpha, max_iter, tol):
+def _fit_newton(W, Z1, T, alpha, max_iter, tol, log_p0=None):
     d1, C = W.shape
     w = T.sum(axis=1)
     total = max(float(w.sum()), 1e-300)
-    f, log_p = _evaluate(W, Z1, T, w, alpha)
+    if log_p0 is None:
+        f, log_p = _evaluate(W, Z1, T, w, alpha)
+    else:  # the caller already has log softmax(Z1 @ W) (the E-step's gate outputs)
+        log_p = log_p0
+        f = float(-(T * log_p).sum() + 0.5 * alpha * np.sum(W[:-1] ** 2))
     for _ in range(max_iter):
         P = np.exp(log_p)
         G = _gradient(W, Z1, T, w, alpha, P)
@@ -134,13 +138,15 @@ def fit_softmax(
     solver: str = "newton",
     max_iter: int = 20,
     tol: float = 1e-7,
+    log_p0: np.ndarray | None = None,
 ) -> np.ndarray:
     """Improve ``W0`` ``(d1, C)`` for soft targets ``T`` ``(n, C)`` on features ``Z1`` ``(n, d1)``.
 
-    ``solver="newton"``: Newton-Raphson (IRLS; Hessian sub-sampled past 16k rows) with an Armijo
+    ``solver="newton"``: Newton-Raphson (IRLS; Hessian sub-sampled past 8k rows) with an Armijo
     backtracking line search, stopped once the predicted decrease per unit of target mass (the Newton
     decrement) is below ``tol``; ``solver="lbfgs"``: scipy's L-BFGS-B (``tol`` is its ``gtol``).
-    The result never has a larger objective than ``W0``.
+    The result never has a larger objective than ``W0``. ``log_p0``, if given, must equal
+    ``log_softmax_predict(Z1, W0)`` and saves one evaluation.
     """
     C = T.shape[1]
     if C == 1:
@@ -149,14 +155,14 @@ def fit_softmax(
         tot = T.sum(axis=0)
         W = np.log(np.maximum(tot / max(tot.sum(), 1e-300), 1e-300))[None, :]
         return W - W.mean()
-    f0 = softmax_objective(W0, Z1, T, alpha)
-    if solver == "newton":
-        W = _fit_newton(W0.copy(), Z1, T, alpha, max_iter, tol)
+    if solver == "newton":  # every accepted step passed the Armijo test: f never increases
+        W = _fit_newton(W0.copy(), Z1, T, alpha, max_iter, tol, log_p0)
     else:
         W = _fit_lbfgs(W0.copy(), Z1, T, alpha, max_iter, tol)
-    W = W - W.mean(axis=1, keepdims=True)  # the symmetric gauge: columns sum to zero, f unchanged
-    f1 = softmax_objective(W, Z1, T, alpha)
-    return W if f1 <= f0 else W0
+        if softmax_objective(W, Z1, T, alpha) > softmax_objective(W0, Z1, T, alpha):
+            W = W0
+    # the symmetric gauge: columns sum to zero; the likelihood is unchanged and the penalty can only drop
+    return W - W.mean(axis=1, keepdims=True)
 
 
 def log_softmax_predict(Z1: np.ndarray, W: np.ndarray) -> np.ndarray:
