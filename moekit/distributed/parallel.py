@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from moekit.core.losses import BalanceStats
 from moekit.core.moe import MoE
 from moekit.distributed.dispatch import ExpertParallelDispatcher
-from moekit.distributed.groups import ParallelGroups
+from moekit.distributed.groups import ParallelGroups, check_same_across_ranks
 
 
 class GlobalBatchStats(BalanceStats):
@@ -73,8 +73,8 @@ def parallelize_moe(
     parameters and per-parameter state (e.g. Adam moments) sharded the same way.
 
     Raises:
-        ValueError: a layer's ``num_experts`` is not divisible by ``groups.ep_size``, or a layer is
-            already sharded.
+        ValueError: the MoE layers' configs differ across ranks, a layer's ``num_experts`` is not
+            divisible by ``groups.ep_size``, or a layer is already sharded.
     """
     if not isinstance(groups, ParallelGroups):
         raise TypeError(
@@ -82,8 +82,11 @@ def parallelize_moe(
         )
     if groups.ep_group is None:
         raise ValueError("parallelize_moe needs groups from new_expert_parallel_groups (ep_group is None)")
+    layers = list(moe_layers(module))
+    # Collective, before any local check can raise on some ranks only: same layers everywhere.
+    check_same_across_ranks([(name, moe.config) for name, moe in layers], what="MoE layer configs")
     replaced: dict[int, nn.Parameter] = {}
-    for name, moe in moe_layers(module):
+    for name, moe in layers:
         num_experts = moe.config.num_experts
         if num_experts % groups.ep_size:
             raise ValueError(

@@ -84,6 +84,12 @@ def check_errors(pg: G.ParallelGroups) -> None:
         assert "num_experts=3" in str(e) and "ep_size=2" in str(e), e
     else:
         raise AssertionError("num_experts=3 on ep_size=2 must raise")
+    try:  # rank 1 builds another layer: every rank learns it before any exchange could hang
+        parallelize_moe(MoE(MoEConfig(hidden_size=4, intermediate_size=4, top_k=1 + pg.rank)), pg)
+    except ValueError as e:
+        assert "mismatched MoE layer configs" in str(e), e
+    else:
+        raise AssertionError("different layer configs across ranks must raise")
 
 
 def check_checkpoint(pg: G.ParallelGroups, tmp: Path) -> None:
