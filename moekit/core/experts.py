@@ -75,23 +75,36 @@ class Experts(nn.Module):
     def forward_slots(self, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor) -> Tensor:
         """Small-batch path: ``y_TD[t] = sum_k weights_TK[t, k] * expert_{ids_TK[t, k]}(x_TD[t])``.
 
-        A host-side loop over the ``T * K`` slots on weight views: no sort, no gather of weights.
-        Meant for CPU decode steps (``T`` = batch size), where reading ``ids_TK`` costs nothing.
-        Every id must be a valid expert (no ``-1``).
+        A host-side loop over the ``T * K`` slots on weight views: no sort, no gather of weights, as
+        few torch calls as possible (at one token the per-call overhead is most of the time). Meant
+        for CPU decode steps (``T`` = batch size), where reading ``ids_TK`` costs nothing. Every id
+        must be a valid expert (no ``-1``). Differentiable, though the layer uses it only without
+        autograd (with it, each ``w[expert]`` view would build a full-size weight gradient).
         """
-        inter = self.intermediate_size
+        inter, gated, act = self.intermediate_size, self.gated, self.act_fn
         in_proj, down_proj = self.in_proj, self.down_proj
-        weights_TK = weights_TK.to(x_TD.dtype)
+        if torch.is_grad_enabled():
+            weights = weights_TK.to(x_TD.dtype).unsqueeze(-1).unbind(0)  # T tensors (K, 1)
+        else:
+            weights = weights_TK.tolist()  # python floats: scale with mul_ / addmm's alpha
         rows = []
-        for t, experts in enumerate(ids_TK.tolist()):
-            x_1D = x_TD[t : t + 1]
+        for x_1D, experts, w_K in zip(x_TD.split(1), ids_TK.tolist(), weights):
             y_1D = None
             for k, expert in enumerate(experts):
-                h_1H = torch.mm(x_1D, in_proj[expert].T)
-                h_1F = self.act_fn(h_1H[:, :inter]) * h_1H[:, inter:] if self.gated else self.act_fn(h_1H)
-                h_1F = h_1F * weights_TK[t : t + 1, k : k + 1]
+                h_1H = F.linear(x_1D, in_proj[expert])
+                if gated:
+                    gate_1F, up_1F = h_1H.split(inter, dim=1)
+                    h_1F = act(gate_1F) * up_1F
+                else:
+                    h_1F = act(h_1H)
                 w_DF = down_proj[expert]
-                y_1D = torch.mm(h_1F, w_DF.T) if y_1D is None else torch.addmm(y_1D, h_1F, w_DF.T)
+                if isinstance(w_K, Tensor):
+                    h_1F = h_1F * w_K[k]
+                    y_1D = F.linear(h_1F, w_DF) if y_1D is None else torch.addmm(y_1D, h_1F, w_DF.T)
+                elif y_1D is None:
+                    y_1D = F.linear(h_1F, w_DF).mul_(w_K[k])
+                else:
+                    y_1D = torch.addmm(y_1D, h_1F, w_DF.T, alpha=w_K[k])
             rows.append(y_1D)
         return rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
 

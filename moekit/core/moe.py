@@ -97,7 +97,8 @@ class MoE(nn.Module):
                 shared_TD = torch.sigmoid(self.shared_expert_gate(x_TD)) * shared_TD
             y_TD = y_TD + shared_TD
         info = self._routing_info(routing, kept_TK, counts_E, dropped)
-        return MoEOutput(y_TD.reshape(x.shape).to(x.dtype), info)
+        y = y_TD.reshape(x.shape)
+        return MoEOutput(y if y.dtype == x.dtype else y.to(x.dtype), info)
 
     def _use_slot_path(self, routing: RouterOutput, capacity: int | None) -> bool:
         """Small CPU inference batches (decode steps) skip sort/dispatch: see ``Experts.forward_slots``.

@@ -45,10 +45,13 @@ class Router(nn.Module):
 
     def logits(self, x_TD: Tensor) -> Tensor:
         """float32 router logits ``(T, E)``; Switch-style multiplicative jitter on the input in training."""
-        x_TD = x_TD.to(router_dtype(x_TD.dtype))
+        dtype = router_dtype(x_TD.dtype)
+        if x_TD.dtype != dtype:
+            x_TD = x_TD.to(dtype)
         if self.training and self.jitter > 0:
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-        return F.linear(x_TD, self.weight.to(x_TD.dtype))
+        weight = self.weight
+        return F.linear(x_TD, weight if weight.dtype == dtype else weight.to(dtype))
 
     def forward(self, x_TD: Tensor) -> RouterOutput:  # pragma: no cover - abstract
         raise TypeError(f"{type(self).__name__} must implement forward")
