@@ -138,3 +138,12 @@ def test_loaded_weights_are_trainable_in_place(saved):
     assert not torch.equal(model.model.embed_tokens.weight, before["model.embed_tokens.weight"])
     again = from_pretrained(single).state_dict()
     assert all(torch.equal(again[k], v) for k, v in before.items())
+
+
+def test_mixtral_head_dim_and_sliding_window(tmp_path):
+    """head_dim != hidden / heads (Mistral-style) and a sliding window shorter than the input."""
+    hf = tiny_hf("mixtral", seed=6, head_dim=16, sliding_window=5)
+    hf.save_pretrained(tmp_path)
+    model = from_pretrained(tmp_path)
+    assert model.config.head_dim == 16 and model.config.sliding_window == 5
+    _compare(model, hf)
