@@ -84,3 +84,30 @@ def test_shards_write_and_read_back(tmp_path_factory, tensors, limit):
             src = plan_from_hf({name: tuple(t.shape)})[name]
             assert torch.equal(build(src, reader, torch.float64), t.double())
     reader.close()
+
+
+# mistralai/Mixtral-8x7B-v0.1 config.json (transformers 4.36 era: top-level rope_theta, torch_dtype)
+MIXTRAL_8X7B_CONFIG = {
+    "architectures": ["MixtralForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 1, "eos_token_id": 2,
+    "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 14336,
+    "max_position_embeddings": 32768, "model_type": "mixtral", "num_attention_heads": 32,
+    "num_experts_per_tok": 2, "num_hidden_layers": 32, "num_key_value_heads": 8, "num_local_experts": 8,
+    "output_router_logits": False, "rms_norm_eps": 1e-05, "rope_theta": 1000000.0,
+    "router_aux_loss_coef": 0.02,
+    "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True,
+    "vocab_size": 32000,
+}
+
+
+def test_real_mixtral_config_maps_to_the_preset_and_back():
+    from moekit.hf.config_map import hf_from_config, hf_to_kwargs
+    from moekit.models import ModelConfig, get_preset
+
+    cfg = ModelConfig(**hf_to_kwargs(MIXTRAL_8X7B_CONFIG))
+    assert cfg == get_preset("mixtral-8x7b")
+    back = hf_from_config(cfg, dtype="bfloat16")
+    for key, value in MIXTRAL_8X7B_CONFIG.items():
+        if key not in ("rope_theta", "torch_dtype"):
+            assert back[key] == value, key
+    assert back["rope_parameters"] == {"rope_theta": 1e6, "rope_type": "default"}
+    assert back["dtype"] == "bfloat16"
