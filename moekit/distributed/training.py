@@ -110,6 +110,13 @@ class ExpertParallelRun:
         """Split the experts of ``model`` (and their optimizer state) across the EP group."""
         return parallelize_moe(model, self.groups, optimizer)
 
+    def describe(self) -> str:
+        """One log line: ranks, EP layout, backend."""
+        g = self.groups
+        return (f"expert parallel: {g.world_size} ranks ({dist.get_backend()}), EP groups of {g.ep_size} "
+                f"(each rank holds 1/{g.ep_size} of the experts), {g.expert_dp_size} data-parallel "
+                f"cop{'y' if g.expert_dp_size == 1 else 'ies'} of each expert shard")
+
     def local_batch(self, batch: Tensor) -> Tensor:
         """This rank's rows of the global batch ``(B, S)`` -> ``(B / W, S)``."""
         per = batch.shape[0] // self.world_size

@@ -246,8 +246,6 @@ def train(
         if main:
             _truncate_metrics(out, step)
         log(f"resuming {out} from step {step}")
-    if ep is not None:
-        ep.shard(model, optimizer)  # experts (and their Adam state) split over the EP group
     fwd = torch.compile(model) if cfg.compile else model
 
     def save(at: int) -> Path:
@@ -261,6 +259,9 @@ def train(
 
     log(f"training {model.num_parameters():,} parameters ({model.num_parameters(active=True):,} active) "
         f"on {device} for {cfg.max_steps} steps of {cfg.tokens_per_step:,} tokens -> {out}")
+    if ep is not None:  # after the count above: experts (and their Adam state) split over the EP group
+        ep.shard(model, optimizer)
+        log(ep.describe())
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not show_progress, unit="step", dynamic_ncols=True)
     interrupted, last_saved = False, None
     with _GracefulStop(log) as stop:
