@@ -169,7 +169,7 @@ class _BaseMixtureOfExperts(BaseEstimator):
 
     def _inner_tol(self) -> float:
         """Tolerance of the gate / logistic solvers, per sample: finer than EM's own test can see."""
-        return max(0.1 * self.tol, 1e-10)
+        return max(self.tol, 1e-10)
 
     def _objective(self, block, gates, ll: float) -> float:
         gate_prior = sum(float(np.sum(W[:, :-1, :] ** 2)) for W in gates)
