@@ -212,8 +212,7 @@ def from_pretrained(
         reader.close()
     if cfg.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    # non-float tensors (none today) would keep their own dtype; floats take target_dtype
-    model.load_state_dict(state, strict=True, assign=True)
+    model.load_state_dict(state, strict=True, assign=True)  # the tensors become the parameters: no copy
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]

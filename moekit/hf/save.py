@@ -17,6 +17,7 @@ import torch
 
 from moekit.hf import config_map, keymap
 from moekit.hf.checkpoint import atomic_write_text, write_sharded
+from moekit.hf.load import parse_dtype
 from moekit.hf.tokenizer import HFTokenizer
 from moekit.models import MoEForCausalLM
 
@@ -68,7 +69,7 @@ def save_pretrained(
     *,
     max_shard_size: int | str = "5GB",
     model_type: str | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     tokenizer: HFTokenizer | None = None,
 ) -> Path:
     """Write ``model`` as a Hugging Face checkpoint directory that transformers loads as is.
@@ -86,6 +87,7 @@ def save_pretrained(
         The directory.
     """
     model = _check_model(model)
+    dtype = parse_dtype(dtype)
     cfg = model.config
     hf_type = model_type or config_map.pick_model_type(cfg)
     state, out_dtype = _state(model, dtype)
@@ -121,11 +123,12 @@ def save_mistral(
     save_directory: str | Path,
     *,
     max_shard_size: int | str | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
 ) -> Path:
     """Write ``model`` in Mistral's layout: ``params.json`` + ``consolidated.safetensors`` (or
     ``consolidated-0000k-of-0000n.safetensors`` with ``max_shard_size``). Mixtral math only."""
     model = _check_model(model)
+    dtype = parse_dtype(dtype)
     cfg = model.config
     params = config_map.mistral_from_config(cfg)
     state, _ = _state(model, dtype)
@@ -152,7 +155,7 @@ def convert(
     ``moekit train`` run directory (its newest checkpoint; its tokenizer is written as tokenizer.json).
     Tensors stream through mmap and are written one shard at a time: RAM holds one model at most.
     """
-    from moekit.hf.load import from_pretrained, parse_dtype
+    from moekit.hf.load import from_pretrained
     from moekit.hf.resolve import resolve_path
 
     if to not in ("hf", "mistral"):
