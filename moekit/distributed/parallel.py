@@ -68,7 +68,9 @@ def parallelize_moe(
 
     Each rank keeps experts ``[ep_rank * E/P, (ep_rank + 1) * E/P)`` of the stacked weights (state_dict
     names unchanged, dim 0 shorter), the router and everything else stay replicated, and the layer's
-    dispatcher becomes an :class:`ExpertParallelDispatcher`. Call it on every rank with identical
+    dispatcher becomes an :class:`ExpertParallelDispatcher` (with ``ep_size == 1`` the experts stay whole
+    and local: data parallelism). Every layer's balance statistics become global-batch ones
+    (:class:`GlobalBatchStats`). Call it on every rank with identical
     weights (same seed, or loaded from the same checkpoint). ``optimizer``, when given, has its
     parameters and per-parameter state (e.g. Adam moments) sharded the same way.
 
@@ -94,6 +96,9 @@ def parallelize_moe(
             )
         if isinstance(moe.dispatcher, ExpertParallelDispatcher):
             raise ValueError(f"{name or 'MoE'} is already expert-parallel")
+        moe.balance_stats = GlobalBatchStats(num_experts, groups.dp_group)
+        if groups.ep_size == 1:  # data parallel only: every rank keeps all experts, nothing to exchange
+            continue
         for pname, param in list(moe.experts.named_parameters(recurse=False)):
             if param.shape[0] != num_experts:
                 raise ValueError(
@@ -114,7 +119,6 @@ def parallelize_moe(
             return moe.config.capacity(num_tokens, moe.training)
 
         moe.dispatcher = ExpertParallelDispatcher(num_experts, groups.ep_group, capacity_fn)
-        moe.balance_stats = GlobalBatchStats(num_experts, groups.dp_group)
     if optimizer is not None:
         for group in optimizer.param_groups:
             group["params"] = [replaced.get(id(p), p) for p in group["params"]]
