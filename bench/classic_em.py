@@ -51,7 +51,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=100_000, help="training rows")
     ap.add_argument("--repeats", type=int, default=3, help="timing repeats (best of)")
-    ap.add_argument("--blas-threads", type=int, default=0, help="limit BLAS threads (0: library default)")
+    ap.add_argument("--blas-threads", type=int, default=0,
+                    help="limit BLAS threads for all three models (0: library default; moekit's EM with "
+                         "built-in experts always runs single-threaded BLAS)")
     args = ap.parse_args()
     load = " ".join(f"{v:.1f}" for v in os.getloadavg())
     if args.blas_threads:

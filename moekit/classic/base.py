@@ -24,6 +24,7 @@ responsibility grows back. Experts still frozen at the end are flagged in ``dead
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import numbers
 import warnings
@@ -45,7 +46,7 @@ _KMEANS_SAMPLES = 10_000
 
 
 @functools.cache
-def _openmp_controller() -> ThreadpoolController:
+def _threadpools() -> ThreadpoolController:
     return ThreadpoolController()  # discovering the loaded libraries is slow: do it once
 
 
@@ -59,7 +60,7 @@ def _kmeans_labels(D: np.ndarray, k: int, rng) -> np.ndarray:
     if n < k:  # too few rows below this node: spread them over the children
         return np.arange(n) % k
     sub = D if n <= _KMEANS_SAMPLES else D[rng.choice(n, _KMEANS_SAMPLES, replace=False)]
-    with warnings.catch_warnings(), _openmp_controller().limit(limits=1, user_api="openmp"):
+    with warnings.catch_warnings(), _threadpools().limit(limits=1, user_api="openmp"):
         warnings.simplefilter("ignore", ConvergenceWarning)  # fewer distinct points than clusters
         km = KMeans(n_clusters=k, n_init=1, random_state=rng.randint(2**31 - 1)).fit(sub)
         return km.predict(D)
@@ -223,10 +224,11 @@ class _BaseMixtureOfExperts(BaseEstimator):
             var_floor = self.variance_floor * (vy if vy > 0 else 1.0)
         rng = check_random_state(self.random_state)
         best = None
-        for _ in range(self.n_init):
-            run = self._run_em(X, y, Z1, check_random_state(rng.randint(2**31 - 1)), var_floor)
-            if best is None or run["history"][-1] > best["history"][-1]:
-                best = run
+        with self._blas_threads():
+            for _ in range(self.n_init):
+                run = self._run_em(X, y, Z1, check_random_state(rng.randint(2**31 - 1)), var_floor)
+                if best is None or run["history"][-1] > best["history"][-1]:
+                    best = run
         if not best["converged"]:
             warnings.warn(f"EM did not converge in max_iter={self.max_iter} iterations (tol={self.tol}); "
                           "raise max_iter or tol, or try more n_init.", ConvergenceWarning, stacklevel=3)
@@ -253,6 +255,17 @@ class _BaseMixtureOfExperts(BaseEstimator):
 
     def _set_flat_gate_attributes(self) -> None:
         self.gate_coef_, self.gate_intercept_ = self._gate_in_original_units(self.gates_[0][0])
+
+    def _blas_threads(self):
+        """Single-threaded BLAS for EM with the built-in experts.
+
+        Its products are tall and skinny (n x tens of columns): BLAS threads gain little there, and
+        on a busy machine they spin-wait for cores (measured 7x slower on the shared 2-core box, see
+        docs/benchmarks.md). With user estimators as experts the thread settings are left alone.
+        """
+        if isinstance(self._experts_spec(), str):
+            return _threadpools().limit(limits=1, user_api="blas")
+        return contextlib.nullcontext()
 
     def _count_parameters(self) -> int | None:
         experts = self.experts_.n_parameters()
