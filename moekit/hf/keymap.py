@@ -176,21 +176,23 @@ def build(
     get: Callable[[str], Tensor],
     dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
+    mmap: bool = True,
 ) -> Tensor:
     """Materialise one planned tensor.
 
     ``get(name)`` returns a checkpoint tensor; when ``get`` also has ``read(name)`` and
     ``read_into(name, out)`` (a :class:`~moekit.hf.checkpoint.TensorReader`), tensors that are converted
     anyway are read with plain file reads instead of through the mmap. A ``copy`` whose dtype and device
-    already match is ``get``'s own tensor (a zero-copy mmap view); ``stack`` writes each expert straight
-    into one new tensor.
+    already match is ``get``'s own tensor (a zero-copy mmap view) unless ``mmap=False`` (streaming
+    conversions: a read copy is freed once written, mapped pages would stay resident); ``stack`` writes
+    each expert straight into one new tensor.
     """
     device = torch.device(device)
     read = getattr(get, "read", get)
     read_into = getattr(get, "read_into", None)
     if src.op == "copy":
         t = get(src.parts[0][0])
-        if (dtype is None or t.dtype == dtype) and t.device == device:
+        if mmap and (dtype is None or t.dtype == dtype) and t.device == device:
             return t
         return read(src.parts[0][0]).to(dtype=dtype, device=device)
     if src.op == "rope":

@@ -168,6 +168,35 @@ def _default_dtype(raw: dict[str, Any], infos: dict[str, TensorInfo]) -> torch.d
     return _SAFETENSORS_DTYPES[max(floating, key=floating.__getitem__)]
 
 
+def open_checkpoint(
+    root: Path, dtype: torch.dtype | None = None, device: torch.device | str = "cpu", mmap: bool = True
+) -> tuple[ModelConfig, torch.dtype, Iterator[tuple[str, torch.Tensor]]]:
+    """Validate checkpoint directory ``root`` against its config, then stream its tensors.
+
+    Returns ``(config, dtype, tensors)``: every name and shape has been checked before this returns;
+    ``tensors`` yields ``(moekit name, tensor)`` one at a time in ``dtype`` (``None``: the checkpoint's)
+    on ``device``, so a consumer that writes them out never holds the whole model. ``mmap=False``
+    reads every tensor into fresh memory (see :func:`moekit.hf.keymap.build`).
+    """
+    cfg, layout, raw = read_config(root)
+    infos = find_tensors(root, layout)
+    shapes = {name: info.shape for name, info in infos.items()}
+    plan = keymap.plan_from_hf(shapes) if layout == "hf" else keymap.plan_from_mistral(shapes, cfg.head_dim)
+    with torch.device("meta"), _no_init():
+        plan = check_plan(plan, MoEForCausalLM(cfg), infos, cfg)
+    dtype = dtype or _default_dtype(raw, infos)
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        reader = TensorReader(infos)
+        try:
+            for name, src in plan.items():
+                yield name, keymap.build(src, reader, dtype, device, mmap=mmap)
+        finally:
+            reader.close()
+
+    return cfg, dtype, tensors()
+
+
 def from_pretrained(
     path: str | Path,
     dtype: torch.dtype | str | None = None,
@@ -194,22 +223,11 @@ def from_pretrained(
         shards, truncated / corrupt safetensors, pickle-only checkpoints, an unknown ``model_type``,
         a tensor whose shape disagrees with the config. Nothing is returned half-loaded.
     """
-    target_dtype = parse_dtype(dtype)
-    device = torch.device(device)
     root = resolve_path(path, revision=revision)
-    cfg, layout, raw = read_config(root)
-    infos = find_tensors(root, layout)
-    shapes = {name: info.shape for name, info in infos.items()}
-    plan = keymap.plan_from_hf(shapes) if layout == "hf" else keymap.plan_from_mistral(shapes, cfg.head_dim)
+    cfg, _, tensors = open_checkpoint(root, parse_dtype(dtype), torch.device(device))
     with torch.device("meta"), _no_init():
         model = MoEForCausalLM(cfg)
-    plan = check_plan(plan, model, infos, cfg)
-    target_dtype = target_dtype or _default_dtype(raw, infos)
-    reader = TensorReader(infos)
-    try:
-        state = {name: keymap.build(src, reader, target_dtype, device) for name, src in plan.items()}
-    finally:
-        reader.close()
+    state = dict(tensors)
     if cfg.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, strict=True, assign=True)  # the tensors become the parameters: no copy

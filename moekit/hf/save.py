@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import torch
 
 from moekit.hf import config_map, keymap
 from moekit.hf.checkpoint import atomic_write_text, write_sharded
-from moekit.hf.load import parse_dtype
+from moekit.hf.load import open_checkpoint, parse_dtype
 from moekit.hf.tokenizer import HFTokenizer
 from moekit.models import MoEForCausalLM
 
@@ -88,15 +89,29 @@ def save_pretrained(
     """
     model = _check_model(model)
     dtype = parse_dtype(dtype)
-    cfg = model.config
-    hf_type = model_type or config_map.pick_model_type(cfg)
     state, out_dtype = _state(model, dtype)
+    return _write_hf(model.config, _cast(state.items(), dtype), Path(save_directory), out_dtype,
+                     max_shard_size=max_shard_size, model_type=model_type, tokenizer=tokenizer)
+
+
+def _write_hf(
+    cfg: Any,
+    items: Iterator[tuple[str, torch.Tensor]],
+    out: Path,
+    out_dtype: torch.dtype,
+    *,
+    max_shard_size: int | str,
+    model_type: str | None,
+    tokenizer: HFTokenizer | None,
+) -> Path:
+    """Write moekit-named tensors ``items`` (pulled one at a time) as an HF checkpoint of ``cfg``."""
+    hf_type = model_type or config_map.pick_model_type(cfg)
     hf_cfg = config_map.hf_from_config(cfg, hf_type, dtype=_TORCH_DTYPE_NAMES.get(out_dtype, "float32"))
-    out = Path(save_directory)
-    tensors = keymap.hf_from_state(state, hf_type, tied=cfg.tie_word_embeddings)
+    tensors = (pair for name, t in items
+               for pair in keymap.hf_from_state({name: t}, hf_type, tied=cfg.tie_word_embeddings))
     if hf_type == "qwen2_moe" and cfg.shared_expert_intermediate_size == 0:
         tensors = _with_empty_shared_experts(tensors, cfg, out_dtype)
-    write_sharded(_cast(tensors, dtype), out, max_shard_size=max_shard_size)
+    write_sharded(tensors, out, max_shard_size=max_shard_size)
     atomic_write_text(out / "config.json", json.dumps(hf_cfg, indent=2) + "\n")
     gen = {k: hf_cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hf_cfg[k] is not None}
     atomic_write_text(out / "generation_config.json", json.dumps(gen, indent=2) + "\n")
@@ -129,13 +144,17 @@ def save_mistral(
     ``consolidated-0000k-of-0000n.safetensors`` with ``max_shard_size``). Mixtral math only."""
     model = _check_model(model)
     dtype = parse_dtype(dtype)
-    cfg = model.config
-    params = config_map.mistral_from_config(cfg)
     state, _ = _state(model, dtype)
-    out = Path(save_directory)
-    tensors = keymap.mistral_from_state(state, cfg.head_dim)
+    return _write_mistral(model.config, _cast(state.items(), dtype), Path(save_directory), max_shard_size)
+
+
+def _write_mistral(
+    cfg: Any, items: Iterator[tuple[str, torch.Tensor]], out: Path, max_shard_size: int | str | None
+) -> Path:
+    params = config_map.mistral_from_config(cfg)  # validates before anything is written
+    tensors = (pair for name, t in items for pair in keymap.mistral_from_state({name: t}, cfg.head_dim))
     limit = max_shard_size if max_shard_size is not None else 2**62
-    write_sharded(_cast(tensors, dtype), out, max_shard_size=limit, prefix="consolidated", index=False)
+    write_sharded(tensors, out, max_shard_size=limit, prefix="consolidated", index=False)
     atomic_write_text(out / "params.json", json.dumps(params, indent=2) + "\n")
     return out
 
@@ -153,9 +172,9 @@ def convert(
 
     ``src`` is an HF or Mistral checkpoint directory (tokenizer files are copied along) or a
     ``moekit train`` run directory (its newest checkpoint; its tokenizer is written as tokenizer.json).
-    Tensors stream through mmap and are written one shard at a time: RAM holds one model at most.
+    A checkpoint is validated first, then streamed: each tensor (one layer's stacked experts at most) is
+    read, renamed / permuted and written out one shard at a time, so RAM never holds the model.
     """
-    from moekit.hf.load import from_pretrained
     from moekit.hf.resolve import resolve_path
 
     if to not in ("hf", "mistral"):
@@ -164,6 +183,8 @@ def convert(
     dst_dir = Path(dst)
     if dst_dir.resolve() == src_dir.resolve():
         raise ValueError(f"convert needs a destination other than the source ({src_dir})")
+    if to == "mistral" and model_type not in (None, "mixtral"):
+        raise ValueError("the Mistral layout holds Mixtral models only; drop model_type")
     tokenizer = None
     if (src_dir / "run.json").is_file():  # a `moekit train` run: its newest checkpoint and tokenizer
         from moekit.train import load_run
@@ -172,17 +193,16 @@ def convert(
         eos = model.config.eos_token_id
         special = {} if eos is None else {"eos_token": tok.id_to_token(eos)}
         tokenizer = HFTokenizer(tok, special_tokens=special)
-        if dtype is not None:
-            model = model.to(parse_dtype(dtype))
-    else:
-        model = from_pretrained(src_dir, dtype=parse_dtype(dtype))
+        cast = parse_dtype(dtype)
+        state, out_dtype = _state(model, cast)
+        cfg, items = model.config, _cast(state.items(), cast)
+    else:  # stream: one tensor (one layer's stacked experts at most) in memory at a time
+        cfg, out_dtype, items = open_checkpoint(src_dir, parse_dtype(dtype), mmap=False)
     if to == "hf":
-        save_pretrained(model, dst_dir, max_shard_size=max_shard_size or "5GB", model_type=model_type,
-                        tokenizer=tokenizer)
+        _write_hf(cfg, items, dst_dir, out_dtype, max_shard_size=max_shard_size or "5GB",
+                  model_type=model_type, tokenizer=tokenizer)
     else:
-        if model_type not in (None, "mixtral"):
-            raise ValueError("the Mistral layout holds Mixtral models only; drop model_type")
-        save_mistral(model, dst_dir, max_shard_size=max_shard_size)
+        _write_mistral(cfg, items, dst_dir, max_shard_size)
         if tokenizer is not None:
             save_tokenizer(tokenizer, dst_dir)
     for name in TOKENIZER_FILES:
