@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.core.config import MoEConfig
+from moekit.core.losses import cv_squared, noisy_topk_load
 from moekit.core.types import RouterOutput
 
 
@@ -28,7 +29,9 @@ def router_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 class Router(nn.Module):
-    """Base class: a linear gate ``logits = x @ weight.T`` in float32, optional input jitter."""
+    """Base class: a linear gate ``logits = x @ weight.T`` in float32, optional input jitter.
+
+    Subclasses implement ``forward(x_TD) -> RouterOutput``."""
 
     def __init__(self, config: MoEConfig) -> None:
         super().__init__()
@@ -52,9 +55,6 @@ class Router(nn.Module):
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
         weight = self.weight
         return F.linear(x_TD, weight if weight.dtype == dtype else weight.to(dtype))
-
-    def forward(self, x_TD: Tensor) -> RouterOutput:  # pragma: no cover - abstract
-        raise TypeError(f"{type(self).__name__} must implement forward")
 
 
 class TopKRouter(Router):
@@ -115,8 +115,6 @@ class NoisyTopKRouter(Router):
         self.noise_weight = nn.Parameter(torch.zeros(config.num_experts, config.hidden_size))
 
     def forward(self, x_TD: Tensor) -> RouterOutput:
-        from moekit.core.losses import cv_squared, noisy_topk_load
-
         logits_TE = self.logits(x_TD)
         dtype = logits_TE.dtype
         noise_std_TE = F.softplus(F.linear(x_TD.to(dtype), self.noise_weight.to(dtype)))

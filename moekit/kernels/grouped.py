@@ -1,13 +1,15 @@
 """The ``grouped`` backend: one grouped GEMM where torch has it, cheap fallbacks elsewhere.
 
-Strategy, picked per call without a host sync on the ``grouped_mm`` path:
-- a few rows (``S <= GATHER_MAX_ROWS`` on CUDA): gather each row's expert weight and ``bmm``; no
-  offsets and no host sync, CUDA-graph friendly (decode steps run ``T = batch`` tokens);
-- ``torch.nn.functional.grouped_mm`` when it exists and accepts the dtype (fp32/bf16/fp16) and the
-  16-byte stride/alignment rule (on CPU without autograd only from ``CPU_GROUPED_MM_MIN_ROWS`` rows:
-  torch's CPU kernel loops over every expert, empty ones included, so the loop below wins for a few);
-- otherwise a loop over the non-empty contiguous groups (float64 lands here). Host reads of the
-  counts cost nothing on CPU.
+Strategy, picked per call:
+- ``torch.nn.functional.grouped_mm`` when it exists and accepts the dtype (fp32/bf16/fp16), the
+  device (CUDA: sm80+) and the 16-byte stride/alignment rule: one kernel, no host sync, and each
+  expert's weight is read once, which is what a memory-bound decode step needs. On CPU without
+  autograd only from ``CPU_GROUPED_MM_MIN_ROWS`` rows: torch's CPU kernel loops over every expert,
+  empty ones included, so the loop below wins for a few rows;
+- on a GPU where grouped_mm cannot run, a few rows (``S <= GATHER_MAX_ROWS``): gather each row's
+  expert weight and ``bmm``: no host sync (CUDA-graph friendly), at the cost of copying the weights;
+- otherwise a loop over the non-empty contiguous groups (float64 lands here; one host read of the
+  counts, free on CPU).
 """
 
 from __future__ import annotations
@@ -69,8 +71,6 @@ def grouped_mm_gathered(x_SI: Tensor, w_EOI: Tensor, counts_E: Tensor) -> Tensor
 
 def grouped_mm_grouped(x_SI: Tensor, w_EOI: Tensor, counts_E: Tensor) -> Tensor:
     """``y_SO[s] = x_SI[s] @ w_EOI[expert(s)].T`` with rows grouped by expert in order."""
-    if x_SI.device.type == "cuda" and x_SI.shape[0] <= GATHER_MAX_ROWS:
-        return grouped_mm_gathered(x_SI, w_EOI, counts_E)
     # With autograd, grouped_mm's backward writes the weight gradient once; the loop would build a
     # full-size gradient per group (the backward of ``w_EOI[expert]``).
     needs_grad = torch.is_grad_enabled() and (x_SI.requires_grad or w_EOI.requires_grad)
@@ -78,4 +78,6 @@ def grouped_mm_grouped(x_SI: Tensor, w_EOI: Tensor, counts_E: Tensor) -> Tensor:
     if (large or needs_grad) and grouped_mm_supported(x_SI, w_EOI):
         offsets_E = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
         return F.grouped_mm(x_SI, w_EOI.transpose(-2, -1), offs=offsets_E)
+    if x_SI.device.type != "cpu" and x_SI.shape[0] <= GATHER_MAX_ROWS:
+        return grouped_mm_gathered(x_SI, w_EOI, counts_E)
     return grouped_mm_loop(x_SI, w_EOI, counts_E)

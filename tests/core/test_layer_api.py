@@ -136,3 +136,17 @@ def test_random_configs_match_the_reference(router, backend, experts, top_k, hid
     assert torch.equal(info.kept, kept)
     if capacity is None:
         assert int(info.dropped) == 0
+
+
+def test_router_jitter_only_in_training():
+    torch.manual_seed(0)
+    moe = small(router="switch", top_k=1, router_jitter_noise=0.2)
+    x = torch.randn(50, 6)
+    clean = x @ moe.gate.weight.T
+    _, info = moe.eval()(x)
+    torch.testing.assert_close(info.router_logits, clean)
+    _, info = moe.train()(x)
+    assert not torch.allclose(info.router_logits, clean)
+    quiet = small(router="switch", top_k=1)
+    quiet.load_state_dict(moe.state_dict())
+    torch.testing.assert_close(quiet.train()(x).routing.router_logits, clean)
