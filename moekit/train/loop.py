@@ -222,6 +222,7 @@ def train(
         if ep is None:
             model_config, _, tokens = prepare_run(out, model_config, cfg, data, log=log)
         else:  # rank 0 prepares the run directory, every rank reads it
+            ep.check_configs(model_config, cfg)  # before anything is written
             ep.run_on_main(lambda: prepare_run(out, model_config, cfg, data, log=log))
             model_config, tokens = ModelConfig.from_dict(read_run_info(out)["model_config"]), load_tokens(out)
 
