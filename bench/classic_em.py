@@ -23,6 +23,8 @@ from threadpoolctl import threadpool_limits
 
 from moekit.classic import MixtureOfExpertsRegressor
 
+NOISE = [0.3, 0.5, 0.4, 0.6]  # noise sd of the 4 regimes
+
 
 def make_data(n: int, p: int = 10, seed: int = 0):
     rng = np.random.default_rng(seed)
@@ -30,7 +32,7 @@ def make_data(n: int, p: int = 10, seed: int = 0):
     regime = (X[:, 0] > 0).astype(int) * 2 + (X[:, 1] > 0).astype(int)  # 4 quadrants
     coef = rng.standard_normal((4, p)) * 2.0
     intercept = np.array([-3.0, -1.0, 1.0, 3.0])
-    noise = np.array([0.3, 0.5, 0.4, 0.6])
+    noise = np.array(NOISE)
     y = np.einsum("np,np->n", X, coef[regime]) + intercept[regime] + noise[regime] * rng.standard_normal(n)
     return X, y
 
@@ -77,11 +79,13 @@ def main() -> None:
     mse = {name: mean_squared_error(yte, m.predict(Xte)) for name, m in
            [("moe", moe), ("linear", lin), ("tree", tree)]}
     print(f"data: {args.n} train rows x {X.shape[1]} features, 4 regimes; test rows {len(yte)}; "
-          f"noise-only MSE ~ {np.mean(np.array([0.3, 0.5, 0.4, 0.6]) ** 2):.3f}")
+          f"noise-only MSE ~ {np.mean(np.array(NOISE) ** 2):.3f}")
     print(f"BLAS threads: {args.blas_threads or 'library default'}; load average before: {load}")
     print(f"moekit MoE K=4 linear experts: fit {t_moe:.3f} s wall / {c_moe:.3f} s CPU "
           f"(best of {args.repeats}), {moe.n_iter_} EM iterations, converged={moe.converged_}, "
           f"test MSE {mse['moe']:.4f}")
+    print(f"  noise sd, sorted: fitted {np.sort(np.sqrt(moe.experts_.sigma2_)).round(4).tolist()}, "
+          f"true {sorted(NOISE)}")
     print(f"LinearRegression:              fit {t_lin:.3f} s wall / {c_lin:.3f} s CPU, "
           f"test MSE {mse['linear']:.4f}")
     print(f"DecisionTree (max_depth={best_depth:2d}):   fit {t_tree:.3f} s wall / {c_tree:.3f} s CPU, "

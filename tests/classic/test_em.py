@@ -158,3 +158,14 @@ def test_em_m_step_freezes_an_expert_without_responsibility(gated_line_data):
     np.testing.assert_array_equal(moe.experts_.B_[1], before[1])
     assert not np.array_equal(moe.experts_.B_[0], before[0])  # refit on all the data
     assert moe.predict_gate(X)[:, 1].max() < 1e-3  # and the gate routes nothing to the frozen one
+
+
+def test_classifier_argmax_combination_uses_the_top_gate_expert():
+    X, y = _blobs(0, 200)
+    clf = MixtureOfExpertsClassifier(3, random_state=0).fit(X, y)
+    gate = clf.predict_gate(X)
+    P = clf.experts_.predict_proba(X)  # (n, K, C)
+    np.testing.assert_allclose(clf.predict_proba(X), np.einsum("nk,nkc->nc", gate, P))
+    clf.set_params(combine="argmax")
+    np.testing.assert_allclose(clf.predict_proba(X), P[np.arange(len(y)), gate.argmax(axis=1)])
+    assert set(clf.predict(X)) <= set(clf.classes_)

@@ -6,6 +6,8 @@ import itertools
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy.special import logsumexp as scipy_logsumexp
 from sklearn.linear_model import LinearRegression, LogisticRegression, Ridge
 from sklearn.neighbors import KNeighborsRegressor
@@ -142,6 +144,24 @@ def test_upward_downward_match_brute_force_path_enumeration(branching):
     np.testing.assert_allclose(np.exp(post[-1]), joint / joint.sum(axis=1, keepdims=True))
     for l, level in enumerate(aggregate(np.exp(post[-1]), branching)):
         np.testing.assert_allclose(np.exp(post[l]), level)  # children sum to their parent
+
+
+@settings(max_examples=25, deadline=None)
+@given(branching=st.lists(st.integers(2, 3), min_size=1, max_size=3), seed=st.integers(0, 2**16))
+def test_tree_passes_are_a_probability_calculus(branching, seed):
+    """Property: leaf posteriors sum to 1, every level sums to 1, and the root likelihood equals the
+    gate-path-weighted sum of the leaf likelihoods."""
+    rng = np.random.default_rng(seed)
+    n, sizes = 5, [1]
+    for b in branching:
+        sizes.append(sizes[-1] * b)
+    log_gates = [np.log(rng.dirichlet(np.ones(b), size=(n, m))) for m, b in zip(sizes[:-1], branching)]
+    log_leaf = rng.normal(scale=5.0, size=(n, sizes[-1]))
+    log_lik = upward(log_gates, log_leaf)
+    post = downward(log_gates, log_lik)
+    for level in post:
+        np.testing.assert_allclose(np.exp(level).sum(axis=1), 1.0)
+    np.testing.assert_allclose(log_lik[0][:, 0], scipy_logsumexp(path_log_prob(log_gates) + log_leaf, axis=1))
 
 
 def test_heterogeneous_experts_svr_and_linear_regression():
