@@ -175,6 +175,16 @@ class SigmoidBiasRouter(Router):
         self.register_buffer("e_score_correction_bias", torch.zeros(config.num_experts))
         self.register_buffer("load_counts", torch.zeros(config.num_experts), persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        # Model-wide dtype casts (``.to(torch.bfloat16)``) must not round the bias and the counts:
+        # increments of ``gamma`` ~ 1e-3 vanish in bf16. Keep them float32, follow only the device.
+        keep = {name: getattr(self, name) for name in ("e_score_correction_bias", "load_counts")}
+        super()._apply(fn, recurse)
+        for name, before in keep.items():
+            after = getattr(self, name)
+            setattr(self, name, before.to(device=after.device, dtype=torch.float32))
+        return self
+
     def forward(self, x_TD: Tensor) -> RouterOutput:
         logits_TE = self.logits(x_TD)
         scores_TE = torch.sigmoid(logits_TE)

@@ -139,3 +139,15 @@ def test_sigmoid_bias_updates_cut_load_cv_by_5x():
 def test_update_bias_needs_the_sigmoid_router():
     with pytest.raises(ValueError, match="sigmoid_bias"):
         MoE(MoEConfig(hidden_size=4, intermediate_size=4)).update_bias()
+
+
+def test_sigmoid_bias_buffers_stay_float32_under_model_casts():
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(hidden_size=4, intermediate_size=4, num_experts=3, top_k=1, router="sigmoid_bias",
+                        bias_update_rate=1e-3)).to(torch.bfloat16)
+    assert moe.gate.weight.dtype == torch.bfloat16
+    assert moe.gate.e_score_correction_bias.dtype == torch.float32
+    moe.gate.e_score_correction_bias.fill_(0.5)
+    moe.train()(torch.randn(9, 4, dtype=torch.bfloat16))
+    moe.update_bias()
+    assert len(set(moe.gate.e_score_correction_bias.tolist())) > 1  # 0.5 +- 1e-3 survives
