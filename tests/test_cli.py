@@ -44,6 +44,7 @@ def run_dir(tmp_path_factory, data_dir):
     return out
 
 
+@pytest.mark.xdist_group("cli_run_dir")  # share the module-scoped run on one worker
 def test_train_writes_a_run(run_dir):
     names = {p.name for p in run_dir.iterdir()}
     assert {"run.json", "tokenizer.json", "metrics.jsonl", "data.safetensors", "checkpoints"} <= names
@@ -51,13 +52,15 @@ def test_train_writes_a_run(run_dir):
     assert info["train_config"]["max_steps"] == 3 and info["model_config"]["num_experts"] == 4
 
 
-def test_generate_one_and_several_prompts(run_dir):
+@pytest.mark.xdist_group("cli_run_dir")  # share the module-scoped run on one worker
+def test_generate_streams_one_prompt(run_dir):
     r = moekit("generate", run_dir, "--prompt", "def ", "--max-new-tokens", "6", "--temperature", "0")
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("def ")
 
 
 
+@pytest.mark.xdist_group("cli_run_dir")  # share the module-scoped run on one worker
 def test_generate_a_batch_in_process(run_dir, capsys):
     rc = main(["generate", str(run_dir), "--prompt", "class", "--prompt", "x =", "--max-new-tokens", "4",
                "--seed", "3", "--top-k", "5", "--top-p", "0.9", "--stop", "\n\n"])
@@ -72,6 +75,7 @@ def test_info():
     assert "46,702,792,704" in r.stdout or "46702792704" in r.stdout
 
 
+@pytest.mark.xdist_group("cli_run_dir")  # share the module-scoped run on one worker
 def test_errors_are_clear_and_touch_nothing(run_dir, data_dir, tmp_path, capsys):
     before = sorted((str(p), p.stat().st_mtime_ns) for p in run_dir.rglob("*"))
     cases = [
