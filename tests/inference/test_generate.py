@@ -147,3 +147,29 @@ def test_generate_text_errors():
         generate_text(model, tok, "w1", 3, stop=[""])
     with pytest.raises(ValueError, match="no tokens"):
         generate_text(model, tok, "", 3)
+
+
+def test_byte_level_stream_equals_final_text():
+    from tokenizers import decoders, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    text = "def f(x):\n    return x * 2  # größer → 😀\n" * 20
+    tok.train_from_iterator(
+        [text], trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    )
+    model = make_model(vocab_size=tok.get_vocab_size(), max_position_embeddings=64)
+    pieces = []
+    got = generate_text(
+        model, tok, "def f", 30, temperature=1.0, seed=0, stream=lambda r, s: pieces.append(s)
+    )
+    assert "".join(pieces) == got[0]
+    # A 4-byte character split over byte tokens is streamed only once complete.
+    from moekit.inference.text import _RowText
+
+    row = _RowText(tok, stops=[])
+    ids = tok.encode("a😀").ids
+    assert len(ids) >= 3  # the emoji spans several byte tokens
+    assert [row.push(t) for t in ids[:-1]][1:] == [""] * (len(ids) - 2)
+    assert "".join([row.push(ids[-1]), row.flush()]).endswith("😀")
