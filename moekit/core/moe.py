@@ -59,6 +59,8 @@ class MoE(nn.Module):
         Returns:
             ``MoEOutput(output, routing)``: ``output`` has the shape and dtype of ``x``;
             ``routing`` is a :class:`RoutingInfo` over the ``T = x.numel() // D`` flattened tokens.
+            In eval mode without autograd (inference) the loss math is skipped:
+            ``routing.losses == {}`` and ``routing.aux_loss == 0``.
         """
         config = self.config
         if not isinstance(x, Tensor):

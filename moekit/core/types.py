@@ -49,8 +49,9 @@ class RoutingInfo:
 
     Attributes:
         aux_loss: 0-dim tensor, the auxiliary losses already weighted by the config's
-            coefficients; add it to the task loss.
-        losses: unweighted losses by name (``load_balancing``, ``z``, ``importance``, ``load``).
+            coefficients; add it to the task loss. 0 in inference (eval mode, no autograd).
+        losses: unweighted losses by name (``load_balancing``, ``z``, ``importance``, ``load``);
+            empty in inference (eval mode, no autograd), where nothing trains on them.
         tokens_per_expert: ``(E,)`` int64, slots each expert actually processed (after drops).
         dropped: 0-dim int64, number of routed slots dropped by the capacity (0 when dropless).
         router_logits: ``(T, E)`` float32 router logits.
