@@ -58,6 +58,7 @@ def encode_windows(
     *,
     separator_id: int | None = None,
     sample_tokens: int = 512,
+    max_doc_tokens: int | None = None,
 ) -> TokenWindows:
     """Tokenise ``texts`` into at most ``max_tokens`` tokens cut into windows of ``seq_len``.
 
@@ -68,10 +69,14 @@ def encode_windows(
         max_tokens: token budget; rounded down to whole windows (at least one window is needed).
         separator_id: token placed after each document (e.g. end-of-text); None = no separator.
         sample_tokens: how many leading tokens keep their text piece for the coloured sample.
+        max_doc_tokens: keep at most this many tokens of each document (None = all), so that one
+            huge file (say, a module that is one long string) cannot fill the whole budget.
 
     Raises:
         ValueError: bad sizes, or fewer than ``seq_len`` tokens of text.
     """
+    if max_doc_tokens is not None and (not isinstance(max_doc_tokens, int) or max_doc_tokens < 1):
+        raise ValueError(f"max_doc_tokens must be an int >= 1 or None, got {max_doc_tokens!r}")
     for name, value in (("seq_len", seq_len), ("max_tokens", max_tokens)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 2:
             raise ValueError(f"{name} must be an int >= 2, got {value!r}")
@@ -94,15 +99,17 @@ def encode_windows(
         else:
             doc_cats = np.full(len(enc.ids), -1, dtype=np.int64)
         doc_ids = np.asarray(enc.ids, dtype=np.int64)
+        kept = len(doc_ids) if max_doc_tokens is None else min(len(doc_ids), max_doc_tokens)
+        doc_ids, doc_cats = doc_ids[:kept], doc_cats[:kept]
         if separator_id is not None:
             doc_ids = np.append(doc_ids, separator_id)
             doc_cats = np.append(doc_cats, -1)
         if len(pieces) < sample_tokens:
             prev = 0
-            for _, end in enc.offsets:  # a piece runs from the previous token's end: lossless
+            for _, end in enc.offsets[:kept]:  # a piece runs from the previous token's end: lossless
                 pieces.append(text[prev:end] if end > prev else "")
                 prev = max(prev, end)
-            if pieces and prev < len(text):
+            if pieces and prev < len(text) and kept == len(enc.ids):
                 pieces[-1] += text[prev:]
             if separator_id is not None:
                 pieces.append("")

@@ -92,6 +92,12 @@ def test_encode_windows_with_bpe_offsets(bpe):
     assert len(w.sample_pieces) == w.num_tokens  # the whole stream fits in the sample here
     short = encode_windows(tok, [SRC], seq_len=16, max_tokens=10_000, sample_tokens=7)
     assert short.sample_pieces == w.sample_pieces[:7]
+    capped = encode_windows(tok, [SRC, prose, SRC], seq_len=16, max_tokens=10_000, separator_id=sep,
+                            max_doc_tokens=20)
+    assert capped.num_tokens == 3 * 21 // 16 * 16  # 20 tokens + separator per document
+    np.testing.assert_array_equal(capped.ids_NS.reshape(-1)[:20], w.ids_NS.reshape(-1)[:20])
+    assert capped.ids_NS.reshape(-1)[20] == sep and capped.sample_pieces[:20] == w.sample_pieces[:20]
+    assert capped.sample_pieces[20] == ""
     kw = [p.strip() for p, c in zip(w.sample_pieces[:n_src], flat_c) if CATEGORIES[c] == "keyword"]
     assert len(kw) >= 4 and all(any(k in word for word in ("class", "def", "return")) for k in kw)
     with pytest.raises(ValueError, match="fewer than one window"):
