@@ -74,7 +74,7 @@ class MixtureOfExpertsClassifier(_ClassificationPart, ClassifierMixin, _BaseMixt
     """
 
     def __init__(self, n_experts: int = 2, *, experts="logistic", gate: str = "softmax", gate_features=None,
-                 gate_alpha: float = 0.01, gate_solver: str = "newton", gate_max_iter: int = 10,
+                 gate_alpha: float = 0.01, gate_solver: str = "newton", gate_max_iter: int = 3,
                  expert_alpha: float = 0.01, combine: str = "mean", init: str = "kmeans", n_init: int = 1,
                  max_iter: int = 200, tol: float = 1e-5, random_state=None):
         self.n_experts = n_experts

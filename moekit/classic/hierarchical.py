@@ -51,7 +51,7 @@ class HierarchicalMixtureOfExperts(_ClassificationPart, _RegressionPart, _BaseMi
 
     def __init__(self, branching=(2, 2), *, task: str = "regression", experts="auto", gate: str = "softmax",
                  gate_features=None, gate_alpha: float = 0.01, gate_solver: str = "newton",
-                 gate_max_iter: int = 10, variance: str = "per_expert", ridge: float = 0.0,
+                 gate_max_iter: int = 3, variance: str = "per_expert", ridge: float = 0.0,
                  variance_floor: float = 1e-6, expert_alpha: float = 0.01, combine: str = "mean",
                  init: str = "kmeans", n_init: int = 1, max_iter: int = 200, tol: float = 1e-5,
                  random_state=None):

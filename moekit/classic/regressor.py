@@ -64,7 +64,8 @@ class MixtureOfExpertsRegressor(_RegressionPart, RegressorMixin, _BaseMixtureOfE
     gate_features : columns the gate sees (indices or a boolean mask); ``None`` = all.
     gate_alpha : L2 penalty of the gate on standardised gate features (intercepts unpenalised).
     gate_solver : ``"newton"`` (IRLS with line search) or ``"lbfgs"``.
-    gate_max_iter : solver iterations per M-step (warm started, so a few suffice).
+    gate_max_iter : Newton (or L-BFGS) iterations per M-step; warm started, and a partial M-step
+        that improves the gate keeps EM monotone (a generalised EM), so a few suffice.
     variance : ``"per_expert"`` or ``"shared"`` noise variance.
     ridge : ridge penalty of the built-in linear experts (intercepts unpenalised).
     variance_floor : lower bound on every noise variance, relative to ``var(y)``.
@@ -84,7 +85,7 @@ class MixtureOfExpertsRegressor(_RegressionPart, RegressorMixin, _BaseMixtureOfE
     """
 
     def __init__(self, n_experts: int = 2, *, experts="linear", gate: str = "softmax", gate_features=None,
-                 gate_alpha: float = 0.01, gate_solver: str = "newton", gate_max_iter: int = 10,
+                 gate_alpha: float = 0.01, gate_solver: str = "newton", gate_max_iter: int = 3,
                  variance: str = "per_expert", ridge: float = 0.0, variance_floor: float = 1e-6,
                  combine: str = "mean", init: str = "kmeans", n_init: int = 1, max_iter: int = 200,
                  tol: float = 1e-5, random_state=None):
