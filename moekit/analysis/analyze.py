@@ -261,10 +261,10 @@ def run_analysis(
         raise ValueError(f"seq_len {seq_len} exceeds the model's context (max_position_embeddings={context})")
     sep = info.get("eos_token_id")
     sep = tokenizer.token_to_id("<|endoftext|>") if sep is None else sep
-    budget = max(max_tokens, seq_len)
-    # at most 1/8 of the budget per document: a sample of several files, not the first big one
-    windows = encode_windows(tokenizer, texts, seq_len, budget, separator_id=sep,
-                             max_doc_tokens=max(seq_len, budget // 8))
+    # "balanced": long documents are cut to a common length, so the sample spans many files and one
+    # huge module (a long string table, say) cannot fill the whole budget
+    windows = encode_windows(tokenizer, texts, seq_len, max(max_tokens, seq_len), separator_id=sep,
+                             max_doc_tokens="balanced")
     log(f"analyzing {windows.num_tokens:,} tokens ({windows.ids_NS.shape[0]} windows of {seq_len}) "
         f"from {data_desc}")
     analysis = analyze_model(model, tokenizer, windows, layers=layers, batch_size=batch_size, device=device)

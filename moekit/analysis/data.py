@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -50,6 +51,21 @@ def is_python(text: str) -> bool:
     return True
 
 
+def balanced_cap(lengths: Sequence[int], budget: int, extra: int = 0) -> int:
+    """Smallest per-document cap ``c`` with ``sum(min(length, c) + extra) >= budget`` (the largest
+    length when even no cap falls short): water-filling of the budget over the documents."""
+    if not lengths:
+        return 1
+    lo, hi = 1, max(max(lengths), 1)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if sum(min(n, mid) + extra for n in lengths) >= budget:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
 def encode_windows(
     tokenizer: Tokenizer,
     texts: Sequence[str],
@@ -58,7 +74,7 @@ def encode_windows(
     *,
     separator_id: int | None = None,
     sample_tokens: int = 512,
-    max_doc_tokens: int | None = None,
+    max_doc_tokens: int | str | None = None,
 ) -> TokenWindows:
     """Tokenise ``texts`` into at most ``max_tokens`` tokens cut into windows of ``seq_len``.
 
@@ -70,13 +86,17 @@ def encode_windows(
         separator_id: token placed after each document (e.g. end-of-text); None = no separator.
         sample_tokens: how many leading tokens keep their text piece for the coloured sample.
         max_doc_tokens: keep at most this many tokens of each document (None = all), so that one
-            huge file (say, a module that is one long string) cannot fill the whole budget.
+            huge file (say, a module that is one long string) cannot fill the whole budget;
+            ``"balanced"`` picks the smallest such cap that still fills ``max_tokens`` (every text
+            is tokenised first), i.e. short documents whole and long ones cut to the same length.
 
     Raises:
         ValueError: bad sizes, or fewer than ``seq_len`` tokens of text.
     """
-    if max_doc_tokens is not None and (not isinstance(max_doc_tokens, int) or max_doc_tokens < 1):
-        raise ValueError(f"max_doc_tokens must be an int >= 1 or None, got {max_doc_tokens!r}")
+    if max_doc_tokens not in (None, "balanced") and (
+        not isinstance(max_doc_tokens, int) or isinstance(max_doc_tokens, bool) or max_doc_tokens < 1
+    ):
+        raise ValueError(f"max_doc_tokens must be an int >= 1, 'balanced' or None, got {max_doc_tokens!r}")
     for name, value in (("seq_len", seq_len), ("max_tokens", max_tokens)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 2:
             raise ValueError(f"{name} must be an int >= 2, got {value!r}")
@@ -86,12 +106,16 @@ def encode_windows(
     cats: list[np.ndarray] = []
     pieces: list[str] = []
     total = n_python = n_docs = 0
-    for text in texts:
+    texts = [t for t in texts if t]
+    encodings: list[Any] = []
+    if max_doc_tokens == "balanced":
+        encodings = tokenizer.encode_batch(texts, add_special_tokens=False)
+        extra = int(separator_id is not None)
+        max_doc_tokens = balanced_cap([len(e.ids) for e in encodings], max_tokens, extra)
+    for i, text in enumerate(texts):
         if total >= max_tokens:
             break
-        if not text:
-            continue
-        enc = tokenizer.encode(text, add_special_tokens=False)
+        enc = encodings[i] if encodings else tokenizer.encode(text, add_special_tokens=False)
         n_docs += 1
         if is_python(text):
             n_python += 1

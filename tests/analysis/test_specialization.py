@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from moekit.analysis.data import encode_windows, is_python
+from moekit.analysis.data import balanced_cap, encode_windows, is_python
 from moekit.analysis.specialization import (
     CATEGORIES,
     category_entropy,
@@ -98,12 +98,27 @@ def test_encode_windows_with_bpe_offsets(bpe):
     np.testing.assert_array_equal(capped.ids_NS.reshape(-1)[:20], w.ids_NS.reshape(-1)[:20])
     assert capped.ids_NS.reshape(-1)[20] == sep and capped.sample_pieces[:20] == w.sample_pieces[:20]
     assert capped.sample_pieces[20] == ""
+    lengths = [len(tok.encode(t).ids) for t in (SRC, prose, SRC)]
+    balanced = encode_windows(tok, [SRC, prose, SRC], seq_len=16, max_tokens=64, separator_id=sep,
+                              max_doc_tokens="balanced")
+    cap = balanced_cap(lengths, 64, extra=1)
+    assert sum(min(n, cap) + 1 for n in lengths) >= 64 > sum(min(n, cap - 1) + 1 for n in lengths)
+    assert balanced.num_tokens == 64 and balanced.documents == 3
     kw = [p.strip() for p, c in zip(w.sample_pieces[:n_src], flat_c) if CATEGORIES[c] == "keyword"]
     assert len(kw) >= 4 and all(any(k in word for word in ("class", "def", "return")) for k in kw)
     with pytest.raises(ValueError, match="fewer than one window"):
         encode_windows(tok, ["x"], seq_len=16, max_tokens=100)
     with pytest.raises(ValueError, match="max_tokens"):
         encode_windows(tok, [SRC], seq_len=16, max_tokens=8)
+
+
+def test_balanced_cap():
+    assert balanced_cap([100, 10, 1000], 300) == 190  # 100 + 10 + 190
+    for lengths, budget, extra in (([100, 10, 1000], 300, 0), ([5, 5], 100, 1), ([50, 60, 70], 90, 1)):
+        c = balanced_cap(lengths, budget, extra)
+        total = sum(min(n, c) + extra for n in lengths)
+        assert total >= budget or c == max(lengths)
+        assert c == 1 or sum(min(n, c - 1) + extra for n in lengths) < budget
 
 
 def test_mutual_information_known_values():
