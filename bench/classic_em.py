@@ -5,7 +5,7 @@ regimes (quadrants of x0, x1), each with its own linear function of all 10 featu
 Compared on the same split, from one run: moekit's MixtureOfExpertsRegressor (K=4, linear experts),
 scikit-learn's LinearRegression and a DecisionTreeRegressor (max_depth tuned on a validation split).
 
-    .venv/bin/python bench/classic_em.py [--n 100000] [--repeats 3] [--blas-threads 1]
+    .venv/bin/python bench/classic_em.py [--n 100000] [--repeats 3] [--blas-threads 1] [--gate-max-iter 3]
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=100_000, help="training rows")
     ap.add_argument("--repeats", type=int, default=3, help="timing repeats (best of)")
+    ap.add_argument("--gate-max-iter", type=int, default=3, help="moekit gate Newton steps per M-step")
     ap.add_argument("--blas-threads", type=int, default=0,
                     help="limit BLAS threads for all three models (0: library default; moekit's EM with "
                          "built-in experts always runs single-threaded BLAS)")
@@ -65,7 +66,7 @@ def main() -> None:
     Xva, yva = X[args.n: args.n + 20_000], y[args.n: args.n + 20_000]
     Xte, yte = X[args.n + 20_000:], y[args.n + 20_000:]
 
-    moe = MixtureOfExpertsRegressor(n_experts=4, random_state=0)
+    moe = MixtureOfExpertsRegressor(n_experts=4, gate_max_iter=args.gate_max_iter, random_state=0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a ConvergenceWarning would make the timing meaningless
         t_moe, c_moe, moe = timed(lambda: moe.fit(Xtr, ytr), args.repeats)
