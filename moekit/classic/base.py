@@ -1,7 +1,8 @@
 """The EM engine shared by every classic mixture-of-experts estimator (flat or hierarchical).
 
 The skeleton follows scikit-learn's ``BaseMixture``: ``n_init`` restarts from ``random_state``, each
-one initialised (responsibilities from k-means on ``[X, y]`` or at random, then an M-step) and run
+one initialised (responsibilities from k-means on ``[X, y]``, on ``X`` for classifiers, or at
+random; then an M-step) and run
 E-step / M-step until the penalised log-likelihood gains less than ``tol`` per sample or
 ``max_iter`` is reached; the restart with the best objective wins, ``ConvergenceWarning`` if it did
 not converge, and a final E-step on the returned parameters sets ``log_likelihood_``.
@@ -169,7 +170,8 @@ class _BaseMixtureOfExperts(BaseEstimator):
         return alive
 
     def _inner_tol(self) -> float:
-        """Tolerance of the gate / logistic solvers, per sample: finer than EM's own test can see."""
+        """Tolerance of the gate / logistic solvers per unit of target mass: the EM tol (gains below it
+        are invisible to the EM stopping test)."""
         return max(self.tol, 1e-10)
 
     def _objective(self, block, gates, ll: float) -> float:
