@@ -34,6 +34,7 @@ from torch import nn
 
 from moekit.analysis.metrics import consecutive_counts, coselection, first_choice
 from moekit.analysis.specialization import CATEGORIES
+from moekit.core.types import RoutingInfo
 
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)(?:\.|$)")
 
@@ -63,7 +64,7 @@ class LayerRecord:
         first_counts ``(E,)``: tokens whose first choice was the expert.
         coselection ``(E, E)``: tokens choosing both experts; diagonal = tokens choosing each.
         consecutive: ``(pairs, same_first, share_any)`` counts over neighbouring tokens.
-        token_expert ``(E, V)``: how often each token id was routed to each expert (any slot).
+        token_expert ``(E, V)`` int32: how often each token id was routed to each expert (any slot).
         category_expert ``(C, E)``: token category (``specialization.CATEGORIES``) x first choice.
         sample_first: first choices of the first ``sample_tokens`` tokens seen.
     """
@@ -94,7 +95,7 @@ class LayerRecord:
         self.kept_counts = np.zeros(E, dtype=np.int64)
         self.first_counts = np.zeros(E, dtype=np.int64)
         self.coselection = np.zeros((E, E), dtype=np.int64)
-        self.token_expert = np.zeros((E, 0), dtype=np.int64)
+        self.token_expert = np.zeros((E, 0), dtype=np.int32)  # E x V: int32 halves the largest table
         self.category_expert = np.zeros((len(CATEGORIES), E), dtype=np.int64)
         self._res_ids = np.full((self.reservoir_size, self.top_k), -1, dtype=np.int64)
         self._res_first = np.full(self.reservoir_size, -1, dtype=np.int64)
@@ -149,11 +150,12 @@ class LayerRecord:
         V = self.token_expert.shape[1]
         need = int(tok.max()) + 1
         if need > V:  # grow geometrically; the table is bounded by E x vocabulary size
-            grown = np.zeros((self.num_experts, max(need, 2 * V)), dtype=np.int64)
+            grown = np.zeros((self.num_experts, max(need, 2 * V)), dtype=np.int32)
             grown[:, :V] = self.token_expert
             self.token_expert = grown
         V = self.token_expert.shape[1]
-        self.token_expert += np.bincount(exp * V + tok, minlength=self.num_experts * V).reshape(-1, V)
+        counts = np.bincount(exp * V + tok, minlength=self.num_experts * V).reshape(-1, V)
+        self.token_expert += counts.astype(np.int32)
 
     def _reservoir_add(self, ids_TK: np.ndarray, first_T: np.ndarray) -> None:
         """Algorithm R over tokens: a uniform sample of ``reservoir_size`` tokens of the stream."""
@@ -282,8 +284,6 @@ class RoutingRecorder:
         return hook
 
     def _observe(self, name: str, args: tuple, output: Any) -> None:
-        from moekit.core.types import RoutingInfo
-
         info = getattr(output, "routing", None)
         if info is None and isinstance(output, tuple) and len(output) == 2:
             info = output[1]
