@@ -171,3 +171,17 @@ def test_classifier_argmax_combination_uses_the_top_gate_expert():
     clf.set_params(combine="argmax")
     np.testing.assert_allclose(clf.predict_proba(X), P[np.arange(len(y)), gate.argmax(axis=1)])
     assert set(clf.predict(X)) <= set(clf.classes_)
+
+
+def test_hme_with_estimator_experts_and_constant_gate(gated_line_data):
+    X, y = gated_line_data
+    hme = HierarchicalMixtureOfExperts((2, 2), experts=DecisionTreeRegressor(max_depth=2, random_state=0),
+                                       random_state=0).fit(X, y)
+    assert len(hme.experts_.estimators_) == 4
+    assert hme.predict_experts(X).shape == (len(y), 4)
+    assert [c.shape for c in hme.gate_coefs_] == [(1, 1, 2), (2, 1, 2)]
+    assert hme.score(X, y) > 0.9
+    flat_mix = HierarchicalMixtureOfExperts((2, 2), gate="constant", random_state=0).fit(X, y)
+    g = flat_mix.predict_gate(X)
+    np.testing.assert_allclose(g, np.tile(g[0], (len(y), 1)))  # mixing weights do not depend on x
+    assert not hasattr(hme, "predict_proba")  # a regression HME has no probabilities
