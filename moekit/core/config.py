@@ -112,7 +112,9 @@ class MoEConfig:
 
     def capacity(self, num_tokens: int, training: bool) -> int | None:
         """Slots each expert may take for ``num_tokens`` tokens, or ``None`` when dropless."""
-        factor = self.capacity_factor if training or self.eval_capacity_factor is None else self.eval_capacity_factor
+        factor = self.capacity_factor
+        if not training and self.eval_capacity_factor is not None:
+            factor = self.eval_capacity_factor
         if self.router == "expert_choice":
             factor = 1.0 if factor is None else factor
             return max(1, min(num_tokens, math.ceil(num_tokens * factor / self.num_experts)))
