@@ -13,6 +13,9 @@ from moekit.train import TrainConfig, train
 
 from .test_report import check_report
 
+# one worker trains the run once for every test here (make test uses --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("analysis_end_to_end")
+
 TEXT = (
     "def add(a, b):\n    return a + b\n\n"
     "class Stack:\n    def __init__(self):\n        self.items = []  # storage\n\n"
