@@ -182,7 +182,8 @@ class SigmoidBiasRouter(Router):
         super()._apply(fn, recurse)
         for name, before in keep.items():
             after = getattr(self, name)
-            setattr(self, name, before.to(device=after.device, dtype=torch.float32))
+            source = after if before.is_meta else before  # to_empty() from meta: take the new storage
+            setattr(self, name, source.to(device=after.device, dtype=torch.float32))
         return self
 
     def forward(self, x_TD: Tensor) -> RouterOutput:

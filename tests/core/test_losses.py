@@ -151,3 +151,11 @@ def test_sigmoid_bias_buffers_stay_float32_under_model_casts():
     moe.train()(torch.randn(9, 4, dtype=torch.bfloat16))
     moe.update_bias()
     assert len(set(moe.gate.e_score_correction_bias.tolist())) > 1  # 0.5 +- 1e-3 survives
+
+
+def test_sigmoid_bias_buffers_survive_meta_construction_and_to_empty():
+    with torch.device("meta"):
+        moe = MoE(MoEConfig(hidden_size=4, intermediate_size=4, num_experts=3, router="sigmoid_bias"))
+    moe = moe.to_empty(device="cpu")
+    assert moe.gate.e_score_correction_bias.device.type == "cpu"
+    assert moe.gate.e_score_correction_bias.dtype == torch.float32
