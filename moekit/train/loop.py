@@ -152,6 +152,16 @@ def _check_same_model(saved: Any, requested: Any) -> None:
         )
 
 
+def _check_checkpoint_config(path: Path, model_config: Any) -> None:
+    saved = json.loads((path / "state.json").read_text(encoding="utf-8")).get("model_config")
+    if saved is not None and saved != model_config.to_dict():
+        diff = [k for k in saved if saved.get(k) != model_config.to_dict().get(k)]
+        raise ValueError(
+            f"cannot resume: checkpoint {path} was written for another model configuration than the "
+            f"run's (fields {diff}); nothing was changed"
+        )
+
+
 def train(
     out: str | os.PathLike,
     *,
@@ -238,6 +248,7 @@ def train(
     val_batches = validation_batches(tokens["validation"], cfg.seq_len, cfg.batch_size, cfg.eval_batches)
     step, val_loss, loss_value = 0, None, None
     if resume:
+        _check_checkpoint_config(checkpoints[-1][1], model_config)
         state = load_checkpoint(checkpoints[-1][1], model, optimizer, device=device)
         step = int(state["step"])
         stream.load_state_dict(state["data"])
@@ -251,7 +262,8 @@ def train(
 
     def save(at: int) -> Path:
         state = {"data": stream.state_dict(), "rng": capture_rng_state(), "loss": loss_value,
-                 "val_loss": val_loss, "tokens_seen": stream.position * cfg.seq_len}
+                 "val_loss": val_loss, "tokens_seen": stream.position * cfg.seq_len,
+                 "model_config": model_config.to_dict(), "train_config": cfg.to_dict()}
         if ep is None:
             return _save(out, at, model, optimizer, state, keep_last=cfg.keep_last)
         with ep.unsharded(model, optimizer):  # one single-file checkpoint with every expert

@@ -96,3 +96,14 @@ def test_data_errors_write_nothing(tmp_path):
     with pytest.raises(ValueError, match="seq-len"):
         _run(tmp_path / "out", tmp_path / "small.txt", train_config=micro_train(seq_len=128))
     assert not (tmp_path / "out").exists()
+
+
+def test_resume_refuses_a_checkpoint_of_another_config(tmp_path, text_dir):
+    _run(tmp_path / "run", text_dir, train_config=micro_train(max_steps=2))
+    state_file = list_checkpoints(tmp_path / "run")[-1][1] / "state.json"
+    state = json.loads(state_file.read_text())
+    assert state["model_config"]["hidden_size"] == 32 and state["train_config"]["max_steps"] == 2
+    state["model_config"]["num_experts"] = 8
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(ValueError, match="another model configuration.*num_experts"):
+        train(tmp_path / "run", resume=True, train_changes={"max_steps": 4}, show_progress=False)
