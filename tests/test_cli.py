@@ -14,6 +14,9 @@ import pytest
 
 from moekit.cli import main
 
+# One worker runs the whole module, so the module-scoped run is built once.
+pytestmark = pytest.mark.xdist_group("cli")
+
 MICRO = ["--set", "hidden_size=32", "--set", "max_position_embeddings=64", "--set", "num_hidden_layers=2",
          "--set", "intermediate_size=64", "--set", "num_experts=4", "--vocab-size", "300",
          "--batch-size", "2", "--seq-len", "32", "--eval-batches", "1", "--no-progress"]
@@ -44,7 +47,6 @@ def run_dir(tmp_path_factory, data_dir):
     return out
 
 
-@pytest.mark.xdist_group("cli_run_dir")  # share the module-scoped run on one worker
 def test_train_writes_a_run(run_dir):
     names = {p.name for p in run_dir.iterdir()}
     assert {"run.json", "tokenizer.json", "metrics.jsonl", "data.safetensors", "checkpoints"} <= names
@@ -52,7 +54,6 @@ def test_train_writes_a_run(run_dir):
     assert info["train_config"]["max_steps"] == 3 and info["model_config"]["num_experts"] == 4
 
 
-@pytest.mark.xdist_group("cli_run_dir")  # share the module-scoped run on one worker
 def test_generate_streams_one_prompt(run_dir):
     r = moekit("generate", run_dir, "--prompt", "def ", "--max-new-tokens", "6", "--temperature", "0")
     assert r.returncode == 0, r.stderr
@@ -60,7 +61,6 @@ def test_generate_streams_one_prompt(run_dir):
 
 
 
-@pytest.mark.xdist_group("cli_run_dir")  # share the module-scoped run on one worker
 def test_generate_a_batch_in_process(run_dir, capsys):
     rc = main(["generate", str(run_dir), "--prompt", "class", "--prompt", "x =", "--max-new-tokens", "4",
                "--seed", "3", "--top-k", "5", "--top-p", "0.9", "--stop", "\n\n"])
@@ -75,7 +75,6 @@ def test_info():
     assert "46,702,792,704" in r.stdout or "46702792704" in r.stdout
 
 
-@pytest.mark.xdist_group("cli_run_dir")  # share the module-scoped run on one worker
 def test_errors_are_clear_and_touch_nothing(run_dir, data_dir, tmp_path, capsys):
     before = sorted((str(p), p.stat().st_mtime_ns) for p in run_dir.rglob("*"))
     cases = [
