@@ -231,6 +231,17 @@ class TensorReader:
         self._files.clear()
 
 
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``; ValueError naming the file when it is not valid JSON or not an object."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return data
+
+
 def parse_size(size: int | str) -> int:
     """Bytes of ``5GB`` / ``500MB`` / ``20KB`` / ``1GiB`` or an int."""
     if isinstance(size, int) and not isinstance(size, bool):

@@ -10,7 +10,6 @@ once into their final tensor. RAM never holds the model twice.
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from moekit.hf.checkpoint import (
     TensorInfo,
     TensorReader,
     find_tensors,
+    read_json_object,
 )
 from moekit.hf.resolve import resolve_path
 from moekit.models import ModelConfig, MoEForCausalLM
@@ -52,16 +52,6 @@ def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
                      f"got {dtype!r}")
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    return data
-
-
 def detect_layout(root: Path) -> str:
     """``"hf"`` (config.json) or ``"mistral"`` (params.json); FileNotFoundError when neither is there.
 
@@ -80,10 +70,10 @@ def read_config(root: Path) -> tuple[ModelConfig, str, dict[str, Any]]:
     """``(ModelConfig, layout, raw config dict)`` of a checkpoint directory."""
     layout = detect_layout(root)
     if layout == "hf":
-        raw = _read_json(root / "config.json")
+        raw = read_json_object(root / "config.json")
         kwargs = config_map.hf_to_kwargs(raw, source=str(root / "config.json"))
     else:
-        raw = _read_json(root / "params.json")
+        raw = read_json_object(root / "params.json")
         kwargs = config_map.mistral_to_kwargs(raw, source=str(root / "params.json"))
     try:
         return ModelConfig(**kwargs), layout, raw

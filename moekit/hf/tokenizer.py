@@ -25,6 +25,8 @@ import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
+from moekit.hf.checkpoint import read_json_object
+
 SPECIAL_TOKEN_KEYS = (
     "bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token"
 )
@@ -195,16 +197,6 @@ class HFTokenizer:
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    return data
-
-
 def load_tokenizer(path: str | Path) -> HFTokenizer:
     """Load the tokenizer of a checkpoint directory (or hub id in the local cache)."""
     from moekit.hf.resolve import resolve_path
@@ -224,7 +216,7 @@ def load_tokenizer(path: str | Path) -> HFTokenizer:
     config: dict[str, Any] = {}
     for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the later file wins
         if (root / name).is_file():
-            config.update(_read_json(root / name))
+            config.update(read_json_object(root / name))
     special = {k: c for k in SPECIAL_TOKEN_KEYS if (c := _token_content(config.get(k))) is not None}
     templates: dict[str, str] = {}
     raw = config.get("chat_template")

@@ -1,6 +1,5 @@
-"""Shared pieces of the analysis tests: a toy model holding ``moekit.MoE`` layers, a small BPE
-tokenizer, and single-threaded torch (the layers here are tiny, and on a small shared machine
-intra-op threads cost far more in contention than they save; restored after each test)."""
+"""Shared pieces of the analysis tests: a toy model holding ``moekit.MoE`` layers and a small BPE
+tokenizer (one torch thread per test comes from tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -22,13 +21,6 @@ SRC = (
     "        return self.items.pop()\n"
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class Block(nn.Module):

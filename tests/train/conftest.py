@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from moekit.models import get_preset
 from moekit.train import TrainConfig
@@ -39,11 +38,3 @@ def text_dir(tmp_path):
         (root / f"file{i:02d}.py").write_text(f"# file {i}\n" + TEXT * (3 + i % 3), encoding="utf-8")
     return root
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Micro models run fastest on one thread (and the 2-core test machine is shared)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
