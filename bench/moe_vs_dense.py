@@ -52,6 +52,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--max-steps", type=int, default=None, help="default: moekit train's default")
     ap.add_argument("--eval-batches", type=int, default=16)
+    ap.add_argument("--max-train-chars", type=int, default=None,
+                    help="training text budget (default: moekit train's); raise it so no token is seen twice")
     ap.add_argument("--threads", type=int, default=None, help="torch threads per run")
     ap.add_argument("--parallel", action="store_true", help="train the two models in two processes at once")
     ap.add_argument("--out", default=None, help="keep the two runs under this directory")
@@ -59,6 +61,8 @@ def main() -> None:
     changes = {"eval_batches": args.eval_batches}
     if args.max_steps:
         changes["max_steps"] = args.max_steps
+    if args.max_train_chars:
+        changes["max_train_chars"] = args.max_train_chars
     root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="moe_vs_dense-"))
     names = list(configs())
     jobs = [(n, str(root / n.split()[0].lower()), changes, args.threads) for n in names]
