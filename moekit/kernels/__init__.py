@@ -8,7 +8,8 @@ multiplied by its expert's weight, stored as ``(E, out, in)`` like ``nn.Linear``
 
 Backends:
     ``reference``  a plain Python loop over every expert; float64 friendly; the test oracle, kept forever.
-    ``grouped``    ``torch.nn.functional.grouped_mm`` where this torch/device/dtype supports it, a
+    ``grouped``    float32 on CPU: oneDNN per group (:mod:`moekit.kernels.onednn`) where it is enabled;
+                   else ``torch.nn.functional.grouped_mm`` where this torch/device/dtype supports it, a
                    gathered batched matmul for a handful of rows, else a loop over the non-empty groups.
 
 A new backend (e.g. a Triton kernel) is a function with the same signature registered with
@@ -21,7 +22,9 @@ from collections.abc import Callable
 
 from torch import Tensor
 
+from moekit.kernels import onednn
 from moekit.kernels.grouped import grouped_mm_grouped
+from moekit.kernels.onednn import linear
 from moekit.kernels.reference import grouped_mm_reference
 
 GroupedMM = Callable[[Tensor, Tensor, Tensor], Tensor]
@@ -44,6 +47,14 @@ def available_backends() -> tuple[str, ...]:
     return tuple(_BACKENDS)
 
 
+def group_padding(backend: str, x_SI: Tensor) -> Callable[[int], int] | None:
+    """How the dispatcher should pad each expert's group of rows for ``backend`` on ``x_SI``'s
+    device and dtype: ``rows -> padded rows`` (the extra rows are zero), or ``None`` for no padding."""
+    if backend == "grouped" and onednn.applies(x_SI, x_SI):
+        return onednn.bucket_rows
+    return None
+
+
 def grouped_mm(x_SI: Tensor, w_EOI: Tensor, counts_E: Tensor, backend: str = "grouped") -> Tensor:
     """Grouped matmul over expert-sorted rows.
 
@@ -63,5 +74,5 @@ def grouped_mm(x_SI: Tensor, w_EOI: Tensor, counts_E: Tensor, backend: str = "gr
     return fn(x_SI, w_EOI, counts_E)
 
 
-__all__ = ["GroupedMM", "available_backends", "grouped_mm", "grouped_mm_grouped", "grouped_mm_reference",
-           "register_backend"]
+__all__ = ["GroupedMM", "available_backends", "group_padding", "grouped_mm", "grouped_mm_grouped",
+           "grouped_mm_reference", "linear", "register_backend"]

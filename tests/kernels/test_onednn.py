@@ -1,0 +1,168 @@
+"""The oneDNN float32 CPU paths (moekit.kernels.onednn) against float64 references, forced on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moekit import MoE, MoEConfig
+from moekit.kernels import group_padding, onednn
+from moekit.kernels.reference import grouped_mm_reference
+
+HAS_OP = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+pytestmark = pytest.mark.skipif(not HAS_OP, reason="this torch has no oneDNN linear op")
+
+
+@pytest.fixture
+def forced(monkeypatch):
+    """oneDNN on whatever the CPU (the default policy enables it only where it was measured faster)."""
+    monkeypatch.setattr(onednn, "enabled", lambda: True)
+
+
+def close64(actual, expected, scale=1.0):
+    """float32 result vs float64 reference: relative to the reference's size."""
+    assert actual.shape == expected.shape
+    if expected.numel() == 0:
+        return
+    err = (actual.double() - expected).abs().max().item()
+    assert err <= 2e-5 * max(scale, expected.abs().max().item()), err
+
+
+@pytest.mark.parametrize("shape", [(40, 24), (3, 17, 24), (5, 24), (64, 1)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_forward_and_gradients_match_float64(forced, shape, bias):
+    torch.manual_seed(sum(shape))
+    in_features = shape[-1]
+    x = torch.randn(*shape, requires_grad=True)
+    w = torch.randn(33, in_features, requires_grad=True)
+    b = torch.randn(33, requires_grad=True) if bias else None
+    y = onednn.linear(x, w, b)
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    b64 = b.detach().double().requires_grad_() if bias else None
+    y64 = torch.nn.functional.linear(x64, w64, b64)
+    assert y.shape == y64.shape and y.dtype == torch.float32
+    close64(y, y64)
+    g = torch.randn(y.shape, dtype=torch.float64)
+    y.backward(g.float())
+    y64.backward(g)
+    close64(x.grad, x64.grad)
+    close64(w.grad, w64.grad)
+    if bias:
+        close64(b.grad, b64.grad)
+
+
+def test_linear_takes_onednn_only_where_it_applies(forced, monkeypatch):
+    calls = []
+    real = torch.ops.mkldnn._linear_pointwise
+
+    class Spy:
+        @staticmethod
+        def _linear_pointwise(*args):
+            calls.append(args[0].shape)
+            return real(*args)
+
+    monkeypatch.setattr(torch.ops, "mkldnn", Spy)
+    w = torch.randn(16, 8)
+    onednn.linear(torch.randn(32, 8), w)
+    onednn.linear(torch.randn(2, 8), w)  # decode-sized: MKL's matrix-vector path
+    onednn.linear(torch.randn(32, 8, dtype=torch.float64), w.double())
+    assert calls == [(32, 8)]
+    monkeypatch.setattr(onednn, "enabled", lambda: False)
+    onednn.linear(torch.randn(32, 8), w)
+    assert calls == [(32, 8)]
+
+
+@pytest.mark.parametrize("counts", [[3, 0, 40, 9], [0, 0, 0, 0], [16, 16, 16, 16], [1, 0, 0, 70]])
+def test_grouped_mm_matches_reference_forward_and_backward(forced, counts):
+    torch.manual_seed(sum(counts))
+    counts_e = torch.tensor(counts)
+    x = torch.randn(sum(counts), 20, requires_grad=True)
+    w = torch.randn(4, 36, 20, requires_grad=True)
+    y = onednn.grouped_mm_onednn(x, w, counts_e)
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    y64 = grouped_mm_reference(x64, w64, counts_e)
+    close64(y, y64)
+    if sum(counts):
+        g = torch.randn(y.shape, dtype=torch.float64)
+        y.backward(g.float())
+        y64.backward(g)
+        close64(x.grad, x64.grad)
+        close64(w.grad, w64.grad)
+        assert torch.all(w.grad[torch.tensor(counts) == 0] == 0)
+    with torch.no_grad():
+        close64(onednn.grouped_mm_onednn(x, w, counts_e), y64.detach())
+
+
+@given(rows=st.integers(0, 1 << 20))
+@settings(max_examples=300, deadline=None)
+def test_bucket_rows_bounds(rows):
+    padded = onednn.bucket_rows(rows)
+    assert padded >= rows and padded % 8 == 0
+    assert padded - rows <= max(7, rows // 16)
+    assert onednn.bucket_rows(padded) == padded
+    assert onednn.bucket_rows(rows + 1) >= padded
+
+
+def test_bucket_rows_few_shapes_per_octave():
+    assert len({onednn.bucket_rows(r) for r in range(513, 1025)}) == 16  # 544, 576, ..., 1024
+
+
+@pytest.mark.parametrize("router,capacity_factor", [("topk", None), ("switch", 1.0), ("gshard", 1.25),
+                                                    ("expert_choice", None)])
+@pytest.mark.parametrize("training", [False, True])
+def test_padded_dispatch_equals_unpadded(router, capacity_factor, training):
+    """Padding every expert's group (zero rows) changes neither the output nor any gradient."""
+    torch.manual_seed(0)
+    top_k = 1 if router == "switch" else 2
+    config = MoEConfig(hidden_size=16, intermediate_size=24, num_experts=4, top_k=top_k, router=router,
+                       capacity_factor=capacity_factor)
+    plain = MoE(config).double().train(training)
+    padded = MoE(config).double().train(training)
+    padded.load_state_dict(plain.state_dict())
+    padded.dispatcher.group_padding = lambda x: (lambda rows: onednn.bucket_rows(rows) + 8 * (rows > 0))
+    x = torch.randn(37, 16, dtype=torch.float64, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    torch.manual_seed(1)
+    y, info = plain(x)
+    torch.manual_seed(1)
+    y2, info2 = padded(x2)
+    torch.testing.assert_close(y2, y, rtol=1e-12, atol=1e-12)
+    assert torch.equal(info2.tokens_per_expert, info.tokens_per_expert)
+    assert torch.equal(info2.dropped, info.dropped)
+    (y.square().sum() + info.aux_loss).backward()
+    (y2.square().sum() + info2.aux_loss).backward()
+    torch.testing.assert_close(x2.grad, x.grad, rtol=1e-12, atol=1e-12)
+    for (name, p), p2 in zip(plain.named_parameters(), padded.parameters()):
+        torch.testing.assert_close(p2.grad, p.grad, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_group_padding_policy(forced):
+    x = torch.randn(4, 8)
+    assert group_padding("grouped", x) is onednn.bucket_rows
+    assert group_padding("reference", x) is None
+    assert group_padding("grouped", x.double()) is None
+
+
+@pytest.mark.parametrize("router", ["topk", "switch", "expert_choice"])
+def test_float32_layer_on_onednn_matches_float64_reference_backend(forced, router):
+    torch.manual_seed(2)
+    top_k = 1 if router == "switch" else 2
+    config = MoEConfig(hidden_size=32, intermediate_size=48, num_experts=4, top_k=top_k, router=router,
+                       capacity_factor=1.5 if router == "switch" else None,
+                       shared_expert_intermediate_size=16)
+    fast = MoE(config).train()
+    ref = MoE(MoEConfig(**{**vars(config), "backend": "reference"})).double().train()
+    ref.load_state_dict(fast.state_dict())
+    x = torch.randn(2, 50, 32, requires_grad=True)
+    x64 = x.detach().double().requires_grad_()
+    y, info = fast(x)
+    y64, info64 = ref(x64)
+    assert torch.equal(info.expert_ids, info64.expert_ids)
+    close64(y, y64)
+    y.square().sum().backward()
+    y64.square().sum().backward()
+    close64(x.grad, x64.grad)
+    for p, p64 in zip(fast.parameters(), ref.parameters()):
+        close64(p.grad, p64.grad)
