@@ -10,6 +10,8 @@ state_dict names match transformers' ``MixtralSparseMoeBlock`` (``gate.weight``,
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor, nn
 
@@ -19,6 +21,7 @@ from moekit.core.experts import Experts, SharedExpert
 from moekit.core.losses import BalanceStats, expert_counts, load_balancing_loss, z_loss
 from moekit.core.router import SigmoidBiasRouter, build_router
 from moekit.core.types import MoEOutput, RouterOutput, RoutingInfo
+from moekit.kernels import group_padding
 
 SLOT_PATH_MAX_SLOTS = 8
 
@@ -42,7 +45,7 @@ class MoE(nn.Module):
         self.config = config
         self.gate = build_router(config)
         self.experts = Experts(config)
-        self.dispatcher = Dispatcher(config.num_experts)
+        self.dispatcher = Dispatcher(config.num_experts, functools.partial(group_padding, config.backend))
         self.balance_stats: BalanceStats | None = None
         if config.shared_expert_intermediate_size > 0:
             self.shared_expert = SharedExpert(config.hidden_size, config.shared_expert_intermediate_size)
