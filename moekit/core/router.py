@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from moekit.core.config import MoEConfig
 from moekit.core.losses import cv_squared, noisy_topk_load
 from moekit.core.types import RouterOutput
+from moekit.kernels import linear
 
 
 def router_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -54,7 +55,7 @@ class Router(nn.Module):
         if self.training and self.jitter > 0:
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
         weight = self.weight
-        return F.linear(x_TD, weight if weight.dtype == dtype else weight.to(dtype))
+        return linear(x_TD, weight if weight.dtype == dtype else weight.to(dtype))
 
 
 class TopKRouter(Router):
@@ -117,7 +118,7 @@ class NoisyTopKRouter(Router):
     def forward(self, x_TD: Tensor) -> RouterOutput:
         logits_TE = self.logits(x_TD)
         dtype = logits_TE.dtype
-        noise_std_TE = F.softplus(F.linear(x_TD.to(dtype), self.noise_weight.to(dtype)))
+        noise_std_TE = F.softplus(linear(x_TD.to(dtype), self.noise_weight.to(dtype)))
         noisy_TE = logits_TE
         if self.training:
             noisy_TE = logits_TE + torch.randn_like(logits_TE) * noise_std_TE

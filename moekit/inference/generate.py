@@ -14,6 +14,7 @@ from torch import Tensor
 
 from moekit.inference.cache import StaticKVCache
 from moekit.inference.sampling import SamplingConfig, make_generators, sample
+from moekit.kernels import linear
 from moekit.models.model import MoEForCausalLM
 
 TokenCallback = Callable[[int, int], "bool | None"]
@@ -23,7 +24,7 @@ TokenCallback = Callable[[int, int], "bool | None"]
 def prefill(model: MoEForCausalLM, input_ids: Tensor, kv_cache: StaticKVCache, input_pos: Tensor) -> Tensor:
     """Run the prompt ``input_ids (B, S)`` into slots ``input_pos (S,)``; last logits ``(B, V)``."""
     hidden, _ = model.model(input_ids, kv_cache=kv_cache, input_pos=input_pos)
-    return model.lm_head(hidden[:, -1]).float()
+    return linear(hidden[:, -1], model.lm_head.weight).float()
 
 
 @torch.no_grad()
@@ -32,7 +33,7 @@ def decode_one_token(
 ) -> Tensor:
     """One step: ``token (B, 1)`` at slot ``input_pos (1,)`` -> next-token logits ``(B, V)``."""
     hidden, _ = model.model(token, kv_cache=kv_cache, input_pos=input_pos)
-    return model.lm_head(hidden[:, -1]).float()
+    return linear(hidden[:, -1], model.lm_head.weight).float()
 
 
 _COMPILED: dict[str, Callable] = {}

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moekit.kernels import linear
 from moekit.models.config import ModelConfig
 
 
@@ -137,11 +138,12 @@ class Attention(nn.Module):
         """
         B, S, _ = x_BSD.shape
         H, KV, hd = self.num_heads, self.num_kv_heads, self.head_dim
-        # The projections go through F.linear on the modules' weights: nn.Module call overhead is a
-        # large share of a decode step at small sizes (state_dict names stay q_proj.weight, ...).
-        q = F.linear(x_BSD, self.q_proj.weight, self.q_proj.bias)
-        k = F.linear(x_BSD, self.k_proj.weight, self.k_proj.bias)
-        v = F.linear(x_BSD, self.v_proj.weight, self.v_proj.bias)
+        # The projections call moekit.kernels.linear on the modules' weights: nn.Module call overhead
+        # is a large share of a decode step at small sizes (state_dict names stay q_proj.weight, ...),
+        # and float32 CPU matmuls go through oneDNN where that is faster (moekit.kernels.onednn).
+        q = linear(x_BSD, self.q_proj.weight, self.q_proj.bias)
+        k = linear(x_BSD, self.k_proj.weight, self.k_proj.bias)
+        v = linear(x_BSD, self.v_proj.weight, self.v_proj.bias)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q.view(B, S, H, hd), cos, sin)
@@ -156,7 +158,7 @@ class Attention(nn.Module):
             k_cache.index_copy_(2, input_pos, k.view(B, KV, 1, hd))
             v_cache.index_copy_(2, input_pos, v.view(B, KV, 1, hd))
             y = F.scaled_dot_product_attention(q.view(B, KV, H // KV, hd), k_cache, v_cache, attn_mask=mask)
-            return F.linear(y.reshape(B, 1, H * hd), self.o_proj.weight)
+            return linear(y.reshape(B, 1, H * hd), self.o_proj.weight)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, S, hd), (B, KV, S, hd)
         v = v.view(B, S, KV, hd).transpose(1, 2)
         if kv is not None:
@@ -167,7 +169,7 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and S > 1, enable_gqa=H > KV
         )
-        return F.linear(y.transpose(1, 2).reshape(B, S, H * hd), self.o_proj.weight)  # (B, S, D)
+        return linear(y.transpose(1, 2).reshape(B, S, H * hd), self.o_proj.weight)  # (B, S, D)
 
 
 class DenseMLP(nn.Module):
@@ -180,5 +182,5 @@ class DenseMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = F.silu(F.linear(x, self.gate_proj.weight)) * F.linear(x, self.up_proj.weight)
-        return F.linear(h, self.down_proj.weight)
+        h = F.silu(linear(x, self.gate_proj.weight)) * linear(x, self.up_proj.weight)
+        return linear(h, self.down_proj.weight)

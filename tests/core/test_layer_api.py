@@ -150,3 +150,13 @@ def test_router_jitter_only_in_training():
     quiet = small(router="switch", top_k=1)
     quiet.load_state_dict(moe.state_dict())
     torch.testing.assert_close(quiet.train()(x).routing.router_logits, clean)
+
+
+@pytest.mark.parametrize("silu", [True, False])
+def test_gated_activation_gradcheck(silu):
+    from moekit.core.experts import _GatedActivation
+
+    h = torch.randn(7, 10, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: _GatedActivation.apply(t, silu), (h,))
+    act = torch.nn.functional.silu if silu else torch.nn.functional.gelu
+    torch.testing.assert_close(_GatedActivation.apply(h, silu), act(h[:, :5]) * h[:, 5:])
