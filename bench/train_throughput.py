@@ -52,7 +52,7 @@ def make_step(name: str, model: torch.nn.Module, device: str):
     def step(batch: torch.Tensor) -> float:
         with autocast if autocast is not None else torch.autocast("cpu", enabled=False):
             if name == "moekit":
-                out = model(batch, labels=batch)
+                out = model(batch, labels=batch, return_logits=False)
                 loss = out.loss + out.aux_loss
             else:
                 loss = model(input_ids=batch, labels=batch).loss  # includes the router aux loss

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.core.types import RoutingInfo
+from moekit.kernels import linear
 from moekit.models.config import ModelConfig
 from moekit.models.layers import (
     Attention,
@@ -25,6 +26,7 @@ from moekit.models.layers import (
     additive_mask,
     sliding_window_mask,
 )
+from moekit.models.loss import linear_cross_entropy
 
 if TYPE_CHECKING:
     from moekit.inference.cache import StaticKVCache
@@ -34,7 +36,7 @@ class CausalLMOutput(NamedTuple):
     """What :meth:`MoEForCausalLM.forward` returns.
 
     Attributes:
-        logits: ``(B, S, V)`` float32.
+        logits: ``(B, S, V)`` float32, or ``None`` when called with ``return_logits=False``.
         loss: 0-dim mean cross-entropy of ``logits[:, :-1]`` against ``labels[:, 1:]`` (-100
             ignored), or ``None`` without labels.
         aux_loss: 0-dim float32, sum over MoE layers of ``RoutingInfo.aux_loss`` (0 for a dense
@@ -43,7 +45,7 @@ class CausalLMOutput(NamedTuple):
             ``output_routing=True``, else ``None``.
     """
 
-    logits: Tensor
+    logits: Tensor | None
     loss: Tensor | None
     aux_loss: Tensor
     routing: list[RoutingInfo] | None
@@ -181,27 +183,39 @@ class MoEForCausalLM(nn.Module):
         kv_cache: StaticKVCache | None = None,
         input_pos: Tensor | None = None,
         output_routing: bool = False,
+        return_logits: bool = True,
     ) -> CausalLMOutput:
-        """``input_ids (B, S) int64 -> CausalLMOutput`` (see there); ``labels (B, S)``, -100 = ignore."""
+        """``input_ids (B, S) int64 -> CausalLMOutput`` (see there); ``labels (B, S)``, -100 = ignore.
+
+        ``return_logits=False`` with ``labels`` (training, validation) computes the loss with the
+        fused head + cross-entropy of :func:`moekit.models.loss.linear_cross_entropy`, which never
+        holds the ``(B, S, V)`` logits; ``logits`` is then ``None``.
+        """
         if not isinstance(input_ids, Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
             raise TypeError("input_ids must be an int64 tensor of shape (batch, seq)")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape (batch, seq), got {tuple(input_ids.shape)}")
-        hidden, routing = self.model(input_ids, kv_cache=kv_cache, input_pos=input_pos)
-        logits = self.lm_head(hidden).float()
-        loss = None
-        if labels is not None:
-            if labels.shape != input_ids.shape:
-                raise ValueError(
-                    f"labels shape {tuple(labels.shape)} must equal input_ids shape {tuple(input_ids.shape)}"
-                )
-            loss = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1), ignore_index=-100
+        if labels is not None and labels.shape != input_ids.shape:
+            raise ValueError(
+                f"labels shape {tuple(labels.shape)} must equal input_ids shape {tuple(input_ids.shape)}"
             )
+        if not return_logits and labels is None:
+            raise ValueError("return_logits=False needs labels (it only skips the logits of the loss)")
+        hidden, routing = self.model(input_ids, kv_cache=kv_cache, input_pos=input_pos)
+        logits = loss = None
+        if return_logits:
+            logits = linear(hidden, self.lm_head.weight).float()
+            if labels is not None:
+                loss = F.cross_entropy(
+                    logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1), ignore_index=-100
+                )
+        else:
+            hidden_ND = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+            loss = linear_cross_entropy(hidden_ND, self.lm_head.weight, labels[:, 1:].reshape(-1))
         if routing:
             aux_loss = torch.stack([r.aux_loss.float() for r in routing]).sum()
         else:
-            aux_loss = torch.zeros((), device=logits.device)
+            aux_loss = torch.zeros((), device=hidden.device)
         return CausalLMOutput(logits, loss, aux_loss, routing if output_routing else None)
 
     def moe_layers(self) -> list[nn.Module]:

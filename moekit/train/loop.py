@@ -109,7 +109,7 @@ def evaluate(model: torch.nn.Module, batches: list[torch.Tensor], device: torch.
     with torch.random.fork_rng(devices=devices), _autocast(device):
         for batch in batches:
             batch = batch.to(device)
-            out = model(batch, labels=batch)
+            out = model(batch, labels=batch, return_logits=False)
             n = batch.shape[0] * (batch.shape[1] - 1)
             total += float(out.loss) * n
             count += n
@@ -289,7 +289,7 @@ def train(
                 batch = stream.next_batch()
                 batch = (batch if ep is None else ep.local_batch(batch)).to(device)
                 with _autocast(device):
-                    output = fwd(batch, labels=batch, output_routing=True)
+                    output = fwd(batch, labels=batch, output_routing=True, return_logits=False)
                 ((output.loss + output.aux_loss) / cfg.grad_accum).backward()
                 loss_sum += float(output.loss.detach())
                 aux_sum += float(torch.as_tensor(output.aux_loss).detach())
