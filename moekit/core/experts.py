@@ -12,12 +12,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.core.config import MoEConfig
-from moekit.kernels import grouped_mm, linear
+from moekit.kernels import cpu, grouped_mm, linear
 
 ACT_FNS: dict[str, Callable[[Tensor], Tensor]] = {
     "swiglu": F.silu,
@@ -108,37 +109,49 @@ class Experts(nn.Module):
         """Small-batch path: ``y_TD[t] = sum_k weights_TK[t, k] * expert_{ids_TK[t, k]}(x_TD[t])``.
 
         A host-side loop over the ``T * K`` slots on weight views: no sort, no gather of weights, as
-        few torch calls as possible (at one token the per-call overhead is most of the time). Meant
-        for CPU decode steps (``T`` = batch size), where reading ``ids_TK`` costs nothing. Every id
-        must be a valid expert (no ``-1``). Differentiable, though the layer uses it only without
-        autograd (with it, each ``w[expert]`` view would build a full-size weight gradient).
+        few torch calls as possible (at one token the per-call overhead is most of the time), and
+        float32 matrix-vector products on the fast CPU path (:mod:`moekit.kernels.cpu`). Meant for
+        CPU decode steps (``T`` = batch size), where reading ``ids_TK`` costs nothing. Every id must
+        be a valid expert (no ``-1``). Differentiable, though the layer uses it only without autograd
+        (with it, each ``w[expert]`` view would build a full-size weight gradient).
         """
         inter, gated, act = self.intermediate_size, self.gated, self.act_fn
         in_proj, down_proj = self.in_proj, self.down_proj
+        if not torch.is_grad_enabled() and cpu.applies(x_TD, in_proj) and cpu.matvec_ready():
+            return self._slots_matvec(x_TD, ids_TK.tolist(), weights_TK.tolist())
         if torch.is_grad_enabled():
             weights = weights_TK.to(x_TD.dtype).unsqueeze(-1).unbind(0)  # T tensors (K, 1)
         else:
-            weights = weights_TK.tolist()  # python floats: scale with mul_ / addmm's alpha
+            weights = weights_TK.tolist()  # python floats: scale in place
         rows = []
         for x_1D, experts, w_K in zip(x_TD.split(1), ids_TK.tolist(), weights):
             y_1D = None
             for k, expert in enumerate(experts):
-                h_1H = F.linear(x_1D, in_proj[expert])
+                h_1H = linear(x_1D, in_proj[expert])
                 if gated:
                     gate_1F, up_1F = h_1H.split(inter, dim=1)
                     h_1F = act(gate_1F) * up_1F
                 else:
                     h_1F = act(h_1H)
-                w_DF = down_proj[expert]
-                if isinstance(w_K, Tensor):
-                    h_1F = h_1F * w_K[k]
-                    y_1D = F.linear(h_1F, w_DF) if y_1D is None else torch.addmm(y_1D, h_1F, w_DF.T)
-                elif y_1D is None:
-                    y_1D = F.linear(h_1F, w_DF).mul_(w_K[k])
-                else:
-                    y_1D = torch.addmm(y_1D, h_1F, w_DF.T, alpha=w_K[k])
+                h_1F = h_1F * w_K[k] if isinstance(w_K, Tensor) else h_1F.mul_(w_K[k])
+                out_1D = linear(h_1F, down_proj[expert])
+                y_1D = out_1D if y_1D is None else y_1D + out_1D
             rows.append(y_1D)
         return rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
+
+    def _slots_matvec(self, x_TD: Tensor, ids: list[list[int]], weights: list[list[float]]) -> Tensor:
+        """:meth:`forward_slots` on numpy views of the weights (no copies): one OpenBLAS matrix-vector
+        product per projection (see :mod:`moekit.kernels.cpu`), the activation in torch."""
+        inter, gated, act = self.intermediate_size, self.gated, self.act_fn
+        w_in, w_down = self.in_proj.numpy(force=True), self.down_proj.numpy(force=True)
+        x = x_TD.numpy(force=True)
+        out = np.zeros_like(x)
+        for t, (experts, slot_weights) in enumerate(zip(ids, weights)):
+            for expert, weight in zip(experts, slot_weights):
+                h_H = torch.from_numpy(w_in[expert] @ x[t])
+                h_F = act(h_H[:inter]).mul_(h_H[inter:]) if gated else act(h_H)
+                out[t] += w_down[expert] @ h_F.mul_(weight).numpy()
+        return torch.from_numpy(out)
 
     def extra_repr(self) -> str:
         d = self.down_proj.shape

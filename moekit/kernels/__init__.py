@@ -8,7 +8,7 @@ multiplied by its expert's weight, stored as ``(E, out, in)`` like ``nn.Linear``
 
 Backends:
     ``reference``  a plain Python loop over every expert; float64 friendly; the test oracle, kept forever.
-    ``grouped``    float32 on CPU: oneDNN per group (:mod:`moekit.kernels.onednn`) where it is enabled;
+    ``grouped``    float32 on CPU: oneDNN per group (:mod:`moekit.kernels.cpu`) where it is enabled;
                    else ``torch.nn.functional.grouped_mm`` where this torch/device/dtype supports it, a
                    gathered batched matmul for a handful of rows, else a loop over the non-empty groups.
 
@@ -22,9 +22,9 @@ from collections.abc import Callable
 
 from torch import Tensor
 
-from moekit.kernels import onednn
+from moekit.kernels import cpu
+from moekit.kernels.cpu import linear
 from moekit.kernels.grouped import grouped_mm_grouped
-from moekit.kernels.onednn import linear
 from moekit.kernels.reference import grouped_mm_reference
 
 GroupedMM = Callable[[Tensor, Tensor, Tensor], Tensor]
@@ -50,8 +50,8 @@ def available_backends() -> tuple[str, ...]:
 def group_padding(backend: str, x_SI: Tensor) -> Callable[[int], int] | None:
     """How the dispatcher should pad each expert's group of rows for ``backend`` on ``x_SI``'s
     device and dtype: ``rows -> padded rows`` (the extra rows are zero), or ``None`` for no padding."""
-    if backend == "grouped" and onednn.applies(x_SI, x_SI):
-        return onednn.bucket_rows
+    if backend == "grouped" and cpu.applies(x_SI, x_SI):
+        return cpu.bucket_rows
     return None
 
 

@@ -1,7 +1,7 @@
 """The ``grouped`` backend: one grouped GEMM where torch has it, cheap fallbacks elsewhere.
 
 Strategy, picked per call:
-- float32 on a CPU where oneDNN is enabled (:mod:`moekit.kernels.onednn`): each group by oneDNN;
+- float32 on a CPU where oneDNN is enabled (:mod:`moekit.kernels.cpu`): each group by oneDNN;
 - ``torch.nn.functional.grouped_mm`` when it exists and accepts the dtype (fp32/bf16/fp16), the
   device (CUDA: sm80+) and the 16-byte stride/alignment rule: one kernel, no host sync, and each
   expert's weight is read once, which is what a memory-bound decode step needs. On CPU without
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moekit.kernels import onednn
+from moekit.kernels import cpu
 
 GATHER_MAX_ROWS = 4
 CPU_GROUPED_MM_MIN_ROWS = 64
@@ -76,8 +76,8 @@ def grouped_mm_grouped(x_SI: Tensor, w_EOI: Tensor, counts_E: Tensor) -> Tensor:
     """``y_SO[s] = x_SI[s] @ w_EOI[expert(s)].T`` with rows grouped by expert in order."""
     # With autograd, grouped_mm's backward writes the weight gradient once; the loop would build a
     # full-size gradient per group (the backward of ``w_EOI[expert]``).
-    if onednn.applies(x_SI, w_EOI):
-        return onednn.grouped_mm_onednn(x_SI, w_EOI, counts_E)
+    if cpu.applies(x_SI, w_EOI):
+        return cpu.grouped_mm_cpu(x_SI, w_EOI, counts_E)
     needs_grad = torch.is_grad_enabled() and (x_SI.requires_grad or w_EOI.requires_grad)
     large = x_SI.device.type != "cpu" or x_SI.shape[0] >= CPU_GROUPED_MM_MIN_ROWS
     if (large or needs_grad) and grouped_mm_supported(x_SI, w_EOI):

@@ -140,7 +140,7 @@ class Attention(nn.Module):
         H, KV, hd = self.num_heads, self.num_kv_heads, self.head_dim
         # The projections call moekit.kernels.linear on the modules' weights: nn.Module call overhead
         # is a large share of a decode step at small sizes (state_dict names stay q_proj.weight, ...),
-        # and float32 CPU matmuls go through oneDNN where that is faster (moekit.kernels.onednn).
+        # and float32 CPU matmuls go through oneDNN where that is faster (moekit.kernels.cpu).
         q = linear(x_BSD, self.q_proj.weight, self.q_proj.bias)
         k = linear(x_BSD, self.k_proj.weight, self.k_proj.bias)
         v = linear(x_BSD, self.v_proj.weight, self.v_proj.bias)

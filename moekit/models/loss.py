@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moekit.kernels.onednn import mm_t, mm_tn
+from moekit.kernels.cpu import mm_t, mm_tn
 
 # Rows per chunk: about 4 M logits (16 MB in float32; measured fastest on 2 cores), at least 64 rows.
 _CHUNK_LOGITS = 1 << 22

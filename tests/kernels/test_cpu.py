@@ -1,4 +1,4 @@
-"""The oneDNN float32 CPU paths (moekit.kernels.onednn) against float64 references, forced on."""
+"""The fast float32 CPU paths (moekit.kernels.cpu: oneDNN, OpenBLAS) against float64 references."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moekit import MoE, MoEConfig
-from moekit.kernels import group_padding, onednn
+from moekit.kernels import cpu, group_padding
 from moekit.kernels.reference import grouped_mm_reference
 
 HAS_OP = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
@@ -17,8 +17,20 @@ pytestmark = pytest.mark.skipif(not HAS_OP, reason="this torch has no oneDNN lin
 
 @pytest.fixture
 def forced(monkeypatch):
-    """oneDNN on whatever the CPU (the default policy enables it only where it was measured faster)."""
-    monkeypatch.setattr(onednn, "enabled", lambda: True)
+    """The fast paths on whatever the CPU (by default only where they were measured faster), and
+    oneDNN for every product size (the tests' products are small)."""
+    monkeypatch.setattr(cpu, "enabled", lambda: True)
+    monkeypatch.setattr(cpu, "ONEDNN_MIN_MACS", 0)
+
+
+@pytest.fixture
+def matvec(forced):
+    """Also the OpenBLAS matrix-vector path (numpy's OpenBLAS on one thread)."""
+    if cpu._numpy_openblas() is None:
+        pytest.skip("numpy's BLAS is not OpenBLAS")
+    with cpu.single_threaded_blas():
+        assert cpu.matvec_ready()
+        yield
 
 
 def close64(actual, expected, scale=1.0):
@@ -30,15 +42,15 @@ def close64(actual, expected, scale=1.0):
     assert err <= 2e-5 * max(scale, expected.abs().max().item()), err
 
 
-@pytest.mark.parametrize("shape", [(40, 24), (3, 17, 24), (5, 24), (64, 1)])
+@pytest.mark.parametrize("shape", [(40, 24), (3, 17, 24), (5, 24), (64, 1), (1, 1, 24), (2, 3, 24)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_linear_forward_and_gradients_match_float64(forced, shape, bias):
+def test_linear_forward_and_gradients_match_float64(matvec, shape, bias):
     torch.manual_seed(sum(shape))
     in_features = shape[-1]
     x = torch.randn(*shape, requires_grad=True)
     w = torch.randn(33, in_features, requires_grad=True)
     b = torch.randn(33, requires_grad=True) if bias else None
-    y = onednn.linear(x, w, b)
+    y = cpu.linear(x, w, b)
     x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
     b64 = b.detach().double().requires_grad_() if bias else None
     y64 = torch.nn.functional.linear(x64, w64, b64)
@@ -51,36 +63,65 @@ def test_linear_forward_and_gradients_match_float64(forced, shape, bias):
     close64(w.grad, w64.grad)
     if bias:
         close64(b.grad, b64.grad)
+    with torch.no_grad():  # without autograd: matrix-vector products for few rows
+        close64(cpu.linear(x, w, b), y64.detach())
 
 
-def test_linear_takes_onednn_only_where_it_applies(forced, monkeypatch):
+def test_paths_by_size_and_autograd(monkeypatch):
+    if cpu._numpy_openblas() is None:
+        pytest.skip("numpy's BLAS is not OpenBLAS")
+    monkeypatch.setattr(cpu, "enabled", lambda: True)
     calls = []
-    real = torch.ops.mkldnn._linear_pointwise
+    real_mm_t, real_gemv = cpu._mm_t, cpu.gemv_rows
+    monkeypatch.setattr(cpu, "_mm_t", lambda x, w: calls.append(("onednn", x.shape[0])) or real_mm_t(x, w))
+    monkeypatch.setattr(cpu, "gemv_rows", lambda x, w: calls.append(("gemv", x.shape[0])) or real_gemv(x, w))
+    big, small = torch.randn(1024, 256), torch.randn(16, 8)
+    cpu.linear(torch.randn(8, 256), big)  # 2 M multiply-adds: oneDNN
+    cpu.linear(torch.randn(8, 8), small)  # small product: torch
+    with torch.no_grad():
+        cpu.linear(torch.randn(2, 8), small)  # decode rows, OpenBLAS multi-threaded: not yet
+        with cpu.single_threaded_blas():
+            cpu.linear(torch.randn(2, 8), small)
+            cpu.linear(torch.randn(4, 8), small)  # 4 rows: no longer matrix-vector
+    with cpu.single_threaded_blas():
+        cpu.linear(torch.randn(1, 8, requires_grad=True), small)  # autograd: torch
+    cpu.linear(torch.randn(8, 256, dtype=torch.float64), big.double())
+    expected = [("onednn", 8), ("gemv", 2)] if cpu._numpy_openblas().get_num_threads() > 1 else [
+        ("onednn", 8), ("gemv", 2), ("gemv", 2)]
+    assert calls == expected
+    monkeypatch.setattr(cpu, "enabled", lambda: False)
+    cpu.linear(torch.randn(8, 256), big)
+    assert calls == expected
 
-    class Spy:
-        @staticmethod
-        def _linear_pointwise(*args):
-            calls.append(args[0].shape)
-            return real(*args)
 
-    monkeypatch.setattr(torch.ops, "mkldnn", Spy)
-    w = torch.randn(16, 8)
-    onednn.linear(torch.randn(32, 8), w)
-    onednn.linear(torch.randn(2, 8), w)  # decode-sized: MKL's matrix-vector path
-    onednn.linear(torch.randn(32, 8, dtype=torch.float64), w.double())
-    assert calls == [(32, 8)]
-    monkeypatch.setattr(onednn, "enabled", lambda: False)
-    onednn.linear(torch.randn(32, 8), w)
-    assert calls == [(32, 8)]
+def test_single_threaded_blas_restores_the_thread_count():
+    lib = cpu._numpy_openblas()
+    if lib is None:
+        pytest.skip("numpy's BLAS is not OpenBLAS")
+    before = lib.get_num_threads()
+    with cpu.single_threaded_blas():
+        assert lib.get_num_threads() == 1 or not cpu.enabled()
+    assert lib.get_num_threads() == before
 
 
-@pytest.mark.parametrize("counts", [[3, 0, 40, 9], [0, 0, 0, 0], [16, 16, 16, 16], [1, 0, 0, 70]])
-def test_grouped_mm_matches_reference_forward_and_backward(forced, counts):
+def test_gemv_rows_match_and_take_strided_views():
+    w = torch.randn(40, 24)
+    x = torch.randn(3, 24)
+    close64(cpu.gemv_rows(x, w), x.double() @ w.double().T)
+    close64(cpu.gemv_rows(x[:1], w[::2]), x[:1].double() @ w[::2].double().T)
+    close64(cpu.gemv_rows(x[:, ::2], w[:, ::2]), x[:, ::2].double() @ w[:, ::2].double().T)
+
+
+COUNTS = [[3, 0, 40, 9], [0, 0, 0, 0], [16, 16, 16, 16], [1, 0, 0, 70], [2, 1, 3, 1]]
+
+
+@pytest.mark.parametrize("counts", COUNTS)
+def test_grouped_mm_matches_reference_forward_and_backward(matvec, counts):
     torch.manual_seed(sum(counts))
     counts_e = torch.tensor(counts)
     x = torch.randn(sum(counts), 20, requires_grad=True)
     w = torch.randn(4, 36, 20, requires_grad=True)
-    y = onednn.grouped_mm_onednn(x, w, counts_e)
+    y = cpu.grouped_mm_cpu(x, w, counts_e)
     x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
     y64 = grouped_mm_reference(x64, w64, counts_e)
     close64(y, y64)
@@ -92,21 +133,22 @@ def test_grouped_mm_matches_reference_forward_and_backward(forced, counts):
         close64(w.grad, w64.grad)
         assert torch.all(w.grad[torch.tensor(counts) == 0] == 0)
     with torch.no_grad():
-        close64(onednn.grouped_mm_onednn(x, w, counts_e), y64.detach())
+        close64(cpu.grouped_mm_cpu(x, w, counts_e), y64.detach())
 
 
 @given(rows=st.integers(0, 1 << 20))
 @settings(max_examples=300, deadline=None)
 def test_bucket_rows_bounds(rows):
-    padded = onednn.bucket_rows(rows)
-    assert padded >= rows and padded % 8 == 0
+    padded = cpu.bucket_rows(rows)
+    assert padded >= rows
+    assert padded == rows if rows < cpu.PAD_MIN_ROWS else padded % 8 == 0
     assert padded - rows <= max(7, rows // 16)
-    assert onednn.bucket_rows(padded) == padded
-    assert onednn.bucket_rows(rows + 1) >= padded
+    assert cpu.bucket_rows(padded) == padded
+    assert cpu.bucket_rows(rows + 1) >= padded
 
 
 def test_bucket_rows_few_shapes_per_octave():
-    assert len({onednn.bucket_rows(r) for r in range(513, 1025)}) == 16  # 544, 576, ..., 1024
+    assert len({cpu.bucket_rows(r) for r in range(513, 1025)}) == 16  # 544, 576, ..., 1024
 
 
 @pytest.mark.parametrize("router,capacity_factor", [("topk", None), ("switch", 1.0), ("gshard", 1.25),
@@ -121,7 +163,7 @@ def test_padded_dispatch_equals_unpadded(router, capacity_factor, training):
     plain = MoE(config).double().train(training)
     padded = MoE(config).double().train(training)
     padded.load_state_dict(plain.state_dict())
-    padded.dispatcher.group_padding = lambda x: (lambda rows: onednn.bucket_rows(rows) + 8 * (rows > 0))
+    padded.dispatcher.group_padding = lambda x: (lambda rows: cpu.bucket_rows(rows) + 8 * (rows > 0))
     x = torch.randn(37, 16, dtype=torch.float64, requires_grad=True)
     x2 = x.detach().clone().requires_grad_()
     torch.manual_seed(1)
@@ -140,13 +182,13 @@ def test_padded_dispatch_equals_unpadded(router, capacity_factor, training):
 
 def test_group_padding_policy(forced):
     x = torch.randn(4, 8)
-    assert group_padding("grouped", x) is onednn.bucket_rows
+    assert group_padding("grouped", x) is cpu.bucket_rows
     assert group_padding("reference", x) is None
     assert group_padding("grouped", x.double()) is None
 
 
 @pytest.mark.parametrize("router", ["topk", "switch", "expert_choice"])
-def test_float32_layer_on_onednn_matches_float64_reference_backend(forced, router):
+def test_float32_layer_on_fast_paths_matches_float64_reference_backend(forced, router):
     torch.manual_seed(2)
     top_k = 1 if router == "switch" else 2
     config = MoEConfig(hidden_size=32, intermediate_size=48, num_experts=4, top_k=top_k, router=router,
@@ -166,3 +208,20 @@ def test_float32_layer_on_onednn_matches_float64_reference_backend(forced, route
     close64(x.grad, x64.grad)
     for p, p64 in zip(fast.parameters(), ref.parameters()):
         close64(p.grad, p64.grad)
+
+
+@pytest.mark.parametrize("num_tokens", [1, 3, 6, 40])
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_float32_inference_on_fast_paths_matches_float64(matvec, num_tokens, activation):
+    """Decode-sized batches: the slot path (T * K <= 8) and small groups take matrix-vector products."""
+    torch.manual_seed(num_tokens)
+    config = MoEConfig(hidden_size=32, intermediate_size=48, num_experts=4, top_k=2, activation=activation)
+    fast = MoE(config).eval()
+    ref = MoE(MoEConfig(**{**vars(config), "backend": "reference"})).double().eval()
+    ref.load_state_dict(fast.state_dict())
+    x = torch.randn(num_tokens, 32)
+    with torch.no_grad():
+        y, info = fast(x)
+        y64, info64 = ref(x.double())
+    assert torch.equal(info.expert_ids, info64.expert_ids)
+    close64(y, y64)

@@ -1,0 +1,280 @@
+"""float32 CPU matmuls where torch's own are slow: oneDNN for matrix products, OpenBLAS for
+matrix-vector products. Used by the model's dense projections and the experts' grouped matmul.
+
+Why: torch's CPU float32 matmul calls MKL, and MKL runs its AVX2 code on CPUs that are not
+Intel's. On the AMD EPYC (Zen 5, AVX-512) of these benchmarks (docs/benchmarks.md):
+
+- matrix products: MKL's sgemm reaches ~85 GFLOP/s per core, oneDNN ~195. oneDNN ships inside
+  torch (mkldnn) and is reached through ``torch.ops.mkldnn._linear_pointwise``, the op torch's own
+  compiler emits for linear layers. Its fixed cost per call (~20 us) loses on small products, so
+  it takes products of at least ``ONEDNN_MIN_MACS`` multiply-adds;
+- matrix-vector products (decode steps, up to ``MATVEC_MAX_ROWS`` rows): MKL streams a weight at
+  ~10 GB/s from memory and ~45 GB/s from cache, the OpenBLAS that numpy ships at ~20-27 and ~65
+  GB/s. The weights are shared with numpy without copying. Taken only without autograd and while
+  that OpenBLAS runs one thread (its threads and torch's would compete for the cores, 4x slower):
+  :func:`single_threaded_blas` sets that up, and ``moekit.inference.generate`` uses it.
+
+Results are IEEE float32 either way (no reduced-precision modes); sums are ordered differently,
+so results differ from torch's in the last bits.
+
+oneDNN JIT-compiles a kernel per problem shape (0.4-6 ms the first time, then cached, LRU of
+1024). Dense projections see few shapes; the experts' row counts change every step, so the
+dispatcher pads each expert's group to :func:`bucket_rows` rows (zero rows, a few percent of work)
+and the same few shapes come back.
+
+Used when :func:`enabled` (oneDNN in this torch, an AVX-512 CPU that is not Intel's, where MKL
+has full AVX-512 code of its own; ``MOEKIT_CPU_MATMUL=torch`` / ``=fast`` forces it off / on) and
+the operands are float32 CPU tensors; everything else keeps torch's matmuls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Measured crossovers on the machine above (docs/benchmarks.md): oneDNN beats MKL from ~0.5 M
+# multiply-adds; one OpenBLAS matrix-vector product per row beats both up to 3 rows.
+ONEDNN_MIN_MACS = 1 << 19
+MATVEC_MAX_ROWS = 3
+# Groups from this many rows are padded by bucket_rows.
+PAD_MIN_ROWS = 8
+
+
+def _cpu_vendor() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+@functools.cache
+def enabled() -> bool:
+    """Whether float32 CPU matmuls take this module's paths in this process (decided once)."""
+    forced = os.environ.get("MOEKIT_CPU_MATMUL", "").strip().lower()
+    has_op = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    if forced in ("torch", "fast"):
+        return forced == "fast" and has_op
+    capability = torch.backends.cpu.get_cpu_capability()
+    return has_op and capability.startswith("AVX512") and _cpu_vendor() != "GenuineIntel"
+
+
+@functools.cache
+def _numpy_openblas():
+    """threadpoolctl's handle on the OpenBLAS behind numpy's matmul, or None (another BLAS)."""
+    from threadpoolctl import ThreadpoolController
+
+    np.ones((2, 2), dtype=np.float32) @ np.ones(2, dtype=np.float32)  # make sure the BLAS is loaded
+    libs = [lib for lib in ThreadpoolController().lib_controllers
+            if lib.internal_api == "openblas" and "numpy" in lib.filepath]
+    return libs[0] if len(libs) == 1 else None
+
+
+def matvec_ready() -> bool:
+    """Whether few-row products take OpenBLAS now: numpy's BLAS is OpenBLAS, on one thread."""
+    lib = _numpy_openblas()
+    return lib is not None and lib.get_num_threads() == 1
+
+
+@contextlib.contextmanager
+def single_threaded_blas() -> Iterator[None]:
+    """Run numpy's OpenBLAS on one thread inside the block (restored after), which turns on the
+    matrix-vector path for few-row float32 products on the CPUs of :func:`enabled`."""
+    lib = _numpy_openblas() if enabled() else None
+    if lib is None or lib.get_num_threads() == 1:
+        yield
+        return
+    before = lib.get_num_threads()
+    lib.set_num_threads(1)
+    try:
+        yield
+    finally:
+        lib.set_num_threads(before)
+
+
+def applies(x: Tensor, w: Tensor) -> bool:
+    """True when ``x @ w.T`` should take this module's paths here."""
+    return x.is_cpu and x.dtype == torch.float32 and w.dtype == torch.float32 and w.is_cpu and enabled()
+
+
+def bucket_rows(rows: int) -> int:
+    """Rows an expert group is padded to: below ``PAD_MIN_ROWS`` none; else a multiple of 8, and of
+    ``2**(floor(log2(rows)) - 4)`` (at most 1/16 extra rows), so a training run meets ~16
+    distinct row counts per octave."""
+    if rows < PAD_MIN_ROWS:
+        return max(rows, 0)
+    step = max(8, 1 << max(0, rows.bit_length() - 5))
+    return -(-rows // step) * step
+
+
+def gemv_rows(x_MI: Tensor, w_OI: Tensor) -> Tensor:
+    """``x_MI @ w_OI.T`` as one numpy (OpenBLAS) matrix-vector product per row, ``(M, O)``; no
+    autograd. For the few rows of a decode step: after the first row the weight is in cache."""
+    w, x = w_OI.numpy(force=True), x_MI.numpy(force=True)
+    if x.shape[0] == 1:
+        return torch.from_numpy(np.matmul(w, x[0])[None])
+    out = np.empty((x.shape[0], w.shape[0]), dtype=x.dtype)
+    for row in range(x.shape[0]):
+        np.matmul(w, x[row], out=out[row])
+    return torch.from_numpy(out)
+
+
+def _forward(x_MI: Tensor, w_OI: Tensor) -> Tensor:
+    """``x_MI @ w_OI.T`` (2-D float32 CPU operands) by the fastest path for its size; no autograd."""
+    rows = x_MI.shape[0]
+    if rows <= MATVEC_MAX_ROWS and matvec_ready():
+        return gemv_rows(x_MI, w_OI)
+    if rows * w_OI.shape[0] * w_OI.shape[1] >= ONEDNN_MIN_MACS:
+        return _mm_t(x_MI, w_OI)
+    return x_MI @ w_OI.T
+
+
+def _use_onednn(rows: int, w_OI: Tensor) -> bool:
+    return rows * w_OI.shape[0] * w_OI.shape[1] >= ONEDNN_MIN_MACS
+
+
+def _mm_t(x_MI: Tensor, w_OI: Tensor) -> Tensor:
+    """``x_MI @ w_OI.T`` by oneDNN; any strides."""
+    return torch.ops.mkldnn._linear_pointwise(x_MI, w_OI, None, "none", [], "")
+
+
+def _weight_grad(g_MO: Tensor, x_MI: Tensor) -> Tensor:
+    """``g_MO.T @ x_MI`` ``(O, I)`` contiguous; oneDNN is fastest with the wider side as its columns."""
+    if g_MO.shape[1] > x_MI.shape[1]:
+        return _mm_t(x_MI.T, g_MO.T).T.contiguous()
+    return _mm_t(g_MO.T, x_MI.T)
+
+
+def mm_t(x_MI: Tensor, w_OI: Tensor) -> Tensor:
+    """``x_MI @ w_OI.T`` for 2-D operands (any strides), by this module where :func:`applies`;
+    no autograd."""
+    return _forward(x_MI, w_OI) if applies(x_MI, w_OI) else x_MI @ w_OI.T
+
+
+def mm_tn(g_MO: Tensor, x_MI: Tensor) -> Tensor:
+    """``g_MO.T @ x_MI`` ``(O, I)``, a weight gradient, on oneDNN where it applies; no autograd."""
+    if applies(g_MO, x_MI) and g_MO.shape[0] * g_MO.shape[1] * x_MI.shape[1] >= ONEDNN_MIN_MACS:
+        return _weight_grad(g_MO, x_MI)
+    return g_MO.T @ x_MI
+
+
+class _Linear(torch.autograd.Function):
+    """``y = x @ w.T (+ b)`` for 2-D ``x``; both passes through oneDNN."""
+
+    @staticmethod
+    def forward(ctx, x_MI: Tensor, w_OI: Tensor, b_O: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x_MI, w_OI)
+        ctx.has_bias = b_O is not None
+        return torch.ops.mkldnn._linear_pointwise(x_MI, w_OI, b_O, "none", [], "")
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_MO: Tensor):
+        x_MI, w_OI = ctx.saved_tensors
+        g_MO = g_MO.contiguous()
+        gx = _mm_t(g_MO, w_OI.T) if ctx.needs_input_grad[0] else None
+        gw = _weight_grad(g_MO, x_MI) if ctx.needs_input_grad[1] else None
+        gb = g_MO.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return gx, gw, gb
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``torch.nn.functional.linear``; float32 CPU matmuls where :func:`applies` take oneDNN (with
+    autograd) or OpenBLAS (without) by size, see the module docstring.
+
+    Args:
+        x: ``(..., I)``; weight: ``(O, I)``; bias: ``(O,)`` or ``None``.
+
+    Returns:
+        ``(..., O)``.
+    """
+    if not applies(x, weight) or x.shape[-1] == 0 or (bias is not None and bias.dtype != torch.float32):
+        return F.linear(x, weight, bias)
+    rows = x.numel() // x.shape[-1]
+    if rows == 0:
+        return F.linear(x, weight, bias)
+    x_MI = x.reshape(rows, x.shape[-1])
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or
+                                    (bias is not None and bias.requires_grad)):
+        if not _use_onednn(rows, weight):
+            return F.linear(x, weight, bias)
+        y = _Linear.apply(x_MI, weight, bias)
+    else:
+        y = _forward(x_MI, weight)
+        if bias is not None:
+            y = y + bias
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def _groups(counts_E: Tensor) -> list[tuple[int, int, int]]:
+    """``(expert, start, stop)`` of each non-empty group."""
+    out, start = [], 0
+    for expert, count in enumerate(counts_E.tolist()):
+        if count:
+            out.append((expert, start, start + count))
+            start += count
+    return out
+
+
+def _grouped_forward(x_SI: Tensor, w_EOI: Tensor, groups: list[tuple[int, int, int]]) -> Tensor:
+    y_SO = x_SI.new_empty(x_SI.shape[0], w_EOI.shape[1])
+    for expert, start, stop in groups:
+        y_SO[start:stop] = _forward(x_SI[start:stop], w_EOI[expert])
+    return y_SO
+
+
+class _GroupedMM(torch.autograd.Function):
+    """Grouped ``y_SO[s] = x_SI[s] @ w_EOI[expert(s)].T``; each group's products on oneDNN or torch."""
+
+    @staticmethod
+    def forward(ctx, x_SI: Tensor, w_EOI: Tensor, counts_E: Tensor) -> Tensor:
+        groups = _groups(counts_E)
+        ctx.save_for_backward(x_SI, w_EOI)
+        ctx.groups = groups
+        return _grouped_forward(x_SI, w_EOI, groups)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_SO: Tensor):
+        x_SI, w_EOI = ctx.saved_tensors
+        g_SO = g_SO.contiguous()
+        gx = gw = None
+        if ctx.needs_input_grad[0]:
+            gx = x_SI.new_empty(x_SI.shape)
+            for expert, start, stop in ctx.groups:
+                rows = g_SO[start:stop]
+                if _use_onednn(stop - start, w_EOI[expert]):
+                    gx[start:stop] = _mm_t(rows, w_EOI[expert].T)
+                else:
+                    torch.mm(rows, w_EOI[expert], out=gx[start:stop])
+        if ctx.needs_input_grad[1]:
+            gw = torch.empty_like(w_EOI)
+            used = {expert for expert, _, _ in ctx.groups}
+            for expert in range(w_EOI.shape[0]):
+                if expert not in used:
+                    gw[expert].zero_()
+            for expert, start, stop in ctx.groups:
+                if _use_onednn(stop - start, w_EOI[expert]):
+                    gw[expert] = _weight_grad(g_SO[start:stop], x_SI[start:stop])
+                else:
+                    torch.mm(g_SO[start:stop].T, x_SI[start:stop], out=gw[expert])
+        return gx, gw, None
+
+
+def grouped_mm_cpu(x_SI: Tensor, w_EOI: Tensor, counts_E: Tensor) -> Tensor:
+    """The grouped matmul of :func:`moekit.kernels.grouped_mm`, each group as :func:`mm_t` would
+    (float32 CPU where :func:`applies`). Any group sizes are correct; sizes from :func:`bucket_rows`
+    avoid recompiling oneDNN kernels."""
+    if not (x_SI.requires_grad or w_EOI.requires_grad) or not torch.is_grad_enabled():
+        return _grouped_forward(x_SI, w_EOI, _groups(counts_E))
+    return _GroupedMM.apply(x_SI, w_EOI, counts_E)
