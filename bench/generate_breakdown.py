@@ -1,9 +1,10 @@
 """Where a decode step's time goes (tiny preset, one thread, process CPU time; companion of generate.py).
 
 Prints, per batch size: the matmul-only floor (the projections, the experts the step must touch and
-the head, nothing else), moekit's ``decode_one_token``, the same step with every MoE layer replaced
-by the identity (so the MoE share), transformers' ``generate`` CPU time per new token (same weights),
-and top-level aten ops per step; then ``moekit.MoE`` against transformers' ``MixtralSparseMoeBlock``
+the head, nothing else, each through moekit's fastest product here, ``moekit.kernels.linear``),
+moekit's ``decode_one_token``, the same step with every MoE layer replaced by the identity (so the
+MoE share), transformers' ``generate`` CPU time per new token (same weights), and top-level aten ops
+per step; then ``moekit.MoE`` against transformers' ``MixtralSparseMoeBlock``
 at decode sizes T = 1..16.
 
     .venv/bin/python bench/generate_breakdown.py
@@ -14,12 +15,12 @@ from __future__ import annotations
 import time
 
 import torch
-import torch.nn.functional as F
 from generate import build
 from torch.profiler import profile
 
 from moekit.core.types import MoEOutput
 from moekit.inference import StaticKVCache, decode_one_token, generate
+from moekit.kernels import cpu, linear
 
 
 def cpu_time(fn, calls: int, repeats: int = 5) -> float:
@@ -44,12 +45,12 @@ def matmul_floor(model, batch: int) -> float:
         for layer in model.model.layers:
             a = layer.self_attn
             for w in (a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, a.o_proj.weight):
-                F.linear(x, w)
+                linear(x, w)
             e = layer.mlp.experts
             for j in range(experts_hit):
-                h = F.linear(x[:rows], e.gate_up_proj[j])
-                F.linear(h[:, :inter], e.down_proj[j])
-        F.linear(x, model.lm_head.weight)
+                h = linear(x[:rows], e.gate_up_proj[j])
+                linear(h[:, :inter], e.down_proj[j])
+        linear(x, model.lm_head.weight)
 
     return cpu_time(step, 30)
 
@@ -78,7 +79,8 @@ def main() -> None:
         f"{'batch':>5} {'matmul floor':>13} {'moekit step':>12} {'w/o MoE':>8} {'MoE share':>10} "
         f"{'HF grouped_mm':>14} {'ops moekit':>11} {'ops HF':>7}"
     )
-    with torch.no_grad():
+    # As generate() does: numpy's OpenBLAS on one thread (the matrix-vector path of moekit.kernels.cpu).
+    with torch.no_grad(), cpu.single_threaded_blas():
         for batch in (1, 8):
             floor = matmul_floor(ours, batch)
             full = decode_step(ours, batch)

@@ -6,7 +6,8 @@ same shape whose FFN width is 2 x 512 = 1024, so every token meets the same numb
 ``moekit train`` unless changed), hence the same tokenizer, the same batches in the same order and
 the same schedule; the table prints both validation losses on the held-out stdlib files.
 
-    .venv/bin/python bench/moe_vs_dense.py [--max-steps 150] [--threads 1] [--parallel] [--out DIR]
+    .venv/bin/python bench/moe_vs_dense.py [--max-steps 150] [--max-train-chars N] [--max-val-chars N]
+        [--eval-batches N] [--eval-every N] [--seed S] [--threads 1] [--parallel] [--out DIR]
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--max-steps", type=int, default=None, help="default: moekit train's default")
     ap.add_argument("--eval-batches", type=int, default=16)
+    ap.add_argument("--max-val-chars", type=int, default=None, help="validation text budget")
+    ap.add_argument("--eval-every", type=int, default=None, help="validation every N steps")
+    ap.add_argument("--seed", type=int, default=None, help="model init and data order (default: train's)")
     ap.add_argument("--max-train-chars", type=int, default=None,
                     help="training text budget (default: moekit train's); raise it so no token is seen twice")
     ap.add_argument("--threads", type=int, default=None, help="torch threads per run")
@@ -63,6 +67,12 @@ def main() -> None:
         changes["max_steps"] = args.max_steps
     if args.max_train_chars:
         changes["max_train_chars"] = args.max_train_chars
+    if args.max_val_chars:
+        changes["max_val_chars"] = args.max_val_chars
+    if args.eval_every is not None:
+        changes["eval_every"] = args.eval_every
+    if args.seed is not None:
+        changes["seed"] = args.seed
     root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="moe_vs_dense-"))
     names = list(configs())
     jobs = [(n, str(root / n.split()[0].lower()), changes, args.threads) for n in names]
