@@ -1,0 +1,84 @@
+"""float32 CPU matmuls: torch's own (MKL) against the paths of moekit.kernels.cpu, side by side.
+
+The measurements behind ``moekit.kernels.cpu``'s choices, on this machine, one thread:
+
+1. matrix products ``x (M, I) @ w (O, I).T`` of training sizes: GFLOP/s of torch (MKL), oneDNN;
+2. decode-sized products (M = 1..16 rows) with the weight hot in cache (the same weight every
+   call) and cold (cycling through 64 MB of weights): microseconds of torch (MKL), oneDNN, and one
+   OpenBLAS (numpy) matrix-vector product per row.
+
+    .venv/bin/python bench/cpu_matmul.py [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from moekit.kernels import cpu
+
+
+def best_seconds(fn, calls: int, rounds: int = 5) -> float:
+    for _ in range(3):
+        fn()
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / calls)
+    return best
+
+
+def onednn(x, w):
+    return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+
+
+def mkl(x, w):
+    return x @ w.T
+
+
+def time_product(fn, x, weights: list[torch.Tensor], cold: bool, calls: int = 200) -> float:
+    """Seconds per ``fn(x, w)``: the same weight every call (hot) or the next of ``weights`` (cold)."""
+    if not cold:
+        return best_seconds(lambda: fn(x, weights[0]), calls)
+    order = iter(range(10**12))
+    return best_seconds(lambda: fn(x, weights[next(order) % len(weights)]), len(weights))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, CPU capability "
+          f"{torch.backends.cpu.get_cpu_capability()}, moekit fast paths enabled: {cpu.enabled()}")
+    print("\n1. matrix products, GFLOP/s")
+    print("| M x I x O | torch (MKL) | oneDNN | oneDNN / MKL |")
+    print("|---|---:|---:|---:|")
+    for m, i, o in [(2048, 256, 256), (2048, 256, 1024), (512, 256, 1024), (512, 512, 256), (2048, 256, 8),
+                    (64, 256, 1024), (16, 256, 1024)]:
+        x, w = torch.randn(m, i), [torch.randn(o, i)]
+        calls = max(3, int(2e8 // (m * i * o)))
+        t_mkl, t_dnn = time_product(mkl, x, w, False, calls), time_product(onednn, x, w, False, calls)
+        gflop = 2 * m * i * o / 1e9
+        print(f"| {m} x {i} x {o} | {gflop / t_mkl:.0f} | {gflop / t_dnn:.0f} | {t_mkl / t_dnn:.2f} |")
+
+    with cpu.single_threaded_blas():
+        print("\n2. decode-sized products, us per call (hot = same weight every call, cold = 64 MB cycled)")
+        print("| weight O x I | M | torch hot | oneDNN hot | OpenBLAS rows hot | torch cold | oneDNN cold "
+              "| OpenBLAS rows cold |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+        for o, i in [(1024, 256), (256, 256), (4096, 256)]:
+            weights = [torch.randn(o, i) for _ in range(max(1, (64 << 20) // (4 * o * i)))]
+            for m in (1, 2, 3, 4, 8, 16):
+                x = torch.randn(m, i)
+                row = [f"{time_product(fn, x, weights, cold) * 1e6:.1f}"
+                       for cold in (False, True) for fn in (mkl, onednn, cpu.gemv_rows)]
+                print(f"| {o} x {i} | {m} | " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    main()
