@@ -9,6 +9,10 @@ ratios; forward runs under ``torch.no_grad()``, forward+backward calls ``y.backw
 
 On CUDA the floor is ``max(FLOPs / peak, bytes / bandwidth)`` with the bf16 matmul peak and the copy
 bandwidth measured in the same run. transformers is a benchmark dependency only.
+
+The whole run holds numpy's OpenBLAS on one thread (``moekit.kernels.cpu.single_threaded_blas``, as
+``moekit.inference.generate`` does), which turns on moekit's matrix-vector path for decode-sized
+inputs on the CPUs where it is faster; transformers does not use numpy's BLAS.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from collections.abc import Callable
 import torch
 
 from moekit import MoE, MoEConfig
+from moekit.kernels import cpu
 
 CPU_SHAPES = dict(hidden=256, inter=512, experts=8, top_k=2, tokens=(1, 64, 2048), dtype=torch.float32)
 CUDA_SHAPES = dict(hidden=4096, inter=14336, experts=8, top_k=2,
@@ -195,4 +200,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with cpu.single_threaded_blas():
+        main()
