@@ -228,8 +228,15 @@ def _groups(counts_E: Tensor) -> list[tuple[int, int, int]]:
 
 def _grouped_forward(x_SI: Tensor, w_EOI: Tensor, groups: list[tuple[int, int, int]]) -> Tensor:
     y_SO = x_SI.new_empty(x_SI.shape[0], w_EOI.shape[1])
+    matvec = matvec_ready() and any(stop - start <= MATVEC_MAX_ROWS for _, start, stop in groups)
+    if matvec:  # numpy views once, then one matrix-vector product per row straight into y_SO
+        x, w, y = x_SI.numpy(force=True), w_EOI.numpy(force=True), y_SO.numpy()
     for expert, start, stop in groups:
-        y_SO[start:stop] = _forward(x_SI[start:stop], w_EOI[expert])
+        if matvec and stop - start <= MATVEC_MAX_ROWS:
+            for row in range(start, stop):
+                np.matmul(w[expert], x[row], out=y[row])
+        else:
+            y_SO[start:stop] = _forward(x_SI[start:stop], w_EOI[expert])
     return y_SO
 
 
