@@ -103,7 +103,10 @@ def single_threaded_blas() -> Iterator[None]:
 
 
 def applies(x: Tensor, w: Tensor) -> bool:
-    """True when ``x @ w.T`` should take this module's paths here."""
+    """True when ``x @ w.T`` should take this module's paths here. Never under ``torch.compile``:
+    the compiler picks its own kernels (and its lowering of the oneDNN op wants frozen weights)."""
+    if torch.compiler.is_compiling():  # first: nothing below may break the compiler's graph
+        return False
     return x.is_cpu and x.dtype == torch.float32 and w.dtype == torch.float32 and w.is_cpu and enabled()
 
 

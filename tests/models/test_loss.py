@@ -95,3 +95,21 @@ def test_model_return_logits_false_gives_the_same_loss_and_gradients():
         torch.testing.assert_close(p.grad, grads[n], rtol=1e-5, atol=1e-7, msg=n)
     with pytest.raises(ValueError, match="needs labels"):
         model(ids, return_logits=False)
+
+
+@pytest.mark.slow
+def test_torch_compile_trains_like_eager():
+    """Under torch.compile the fast CPU paths step aside (inductor picks its own kernels); the
+    compiled model gives eager's loss and gradients."""
+    torch.manual_seed(0)
+    model = MoEForCausalLM(cfg(num_hidden_layers=1))
+    ids = torch.randint(0, 64, (2, 12))
+    eager = model(ids, labels=ids, return_logits=False)
+    (eager.loss + eager.aux_loss).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    out = torch.compile(model)(ids, labels=ids, return_logits=False)
+    (out.loss + out.aux_loss).backward()
+    torch.testing.assert_close(out.loss, eager.loss, rtol=1e-5, atol=1e-6)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-6, msg=n)
