@@ -5,7 +5,9 @@ The measurements behind ``moekit.kernels.cpu``'s choices, on this machine, one t
 1. matrix products ``x (M, I) @ w (O, I).T`` of training sizes: GFLOP/s of torch (MKL), oneDNN;
 2. decode-sized products (M = 1..16 rows) with the weight hot in cache (the same weight every
    call) and cold (cycling through 64 MB of weights): microseconds of torch (MKL), oneDNN, and one
-   OpenBLAS (numpy) matrix-vector product per row.
+   OpenBLAS (numpy) matrix-vector product per row;
+3. the LM head + cross-entropy of one training step (2048 tokens, D=256, V=4096) with both
+   gradients: ``F.cross_entropy`` on materialised logits vs ``moekit.models.loss.linear_cross_entropy``.
 
     .venv/bin/python bench/cpu_matmul.py [--threads 1]
 """
@@ -16,8 +18,10 @@ import argparse
 import time
 
 import torch
+import torch.nn.functional as F
 
-from moekit.kernels import cpu
+from moekit.kernels import cpu, linear
+from moekit.models.loss import linear_cross_entropy
 
 
 def best_seconds(fn, calls: int, rounds: int = 5) -> float:
@@ -78,6 +82,21 @@ def main() -> None:
                 row = [f"{time_product(fn, x, weights, cold) * 1e6:.1f}"
                        for cold in (False, True) for fn in (mkl, onednn, cpu.gemv_rows)]
                 print(f"| {o} x {i} | {m} | " + " | ".join(row) + " |")
+
+    print("\n3. LM head + cross-entropy, loss and both gradients, ms")
+    h = torch.randn(2048, 256, requires_grad=True)
+    w = (torch.randn(4096, 256) * 0.05).requires_grad_()
+    labels = torch.randint(0, 4096, (2048,))
+
+    def plain():
+        F.cross_entropy(linear(h, w).float(), labels).backward()
+
+    def fused():
+        linear_cross_entropy(h, w, labels).backward()
+
+    t_plain, t_fused = best_seconds(plain, 5), best_seconds(fused, 5)
+    print(f"F.cross_entropy on logits {t_plain * 1e3:.1f} | linear_cross_entropy {t_fused * 1e3:.1f} | "
+          f"ratio {t_plain / t_fused:.2f}")
 
 
 if __name__ == "__main__":

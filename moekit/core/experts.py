@@ -34,8 +34,8 @@ class _GatedActivation(torch.autograd.Function):
     """``act(h[:, :F]) * h[:, F:]`` on the fused ``gate_up`` output ``h_SH (S, 2F)``, act = silu or gelu.
 
     Its backward writes the one ``(S, 2F)`` gradient directly; autograd's backward of the two column
-    slices would zero-fill two ``(S, 2F)`` buffers and add them (~a quarter of the experts' time in a
-    CPU training step). Saves only ``h_SH``; the activation is recomputed in backward.
+    slices would zero-fill two ``(S, 2F)`` buffers and add them (the largest non-matmul cost in a
+    profile of a CPU training step). Saves only ``h_SH``; the activation is recomputed in backward.
     """
 
     @staticmethod

@@ -137,12 +137,11 @@ def _forward(x_MI: Tensor, w_OI: Tensor) -> Tensor:
     rows = x_MI.shape[0]
     if rows <= MATVEC_MAX_ROWS and matvec_ready():
         return gemv_rows(x_MI, w_OI)
-    if rows * w_OI.shape[0] * w_OI.shape[1] >= ONEDNN_MIN_MACS:
-        return _mm_t(x_MI, w_OI)
-    return x_MI @ w_OI.T
+    return _mm_t(x_MI, w_OI) if _use_onednn(rows, w_OI) else x_MI @ w_OI.T
 
 
 def _use_onednn(rows: int, w_OI: Tensor) -> bool:
+    """Whether a ``rows``-row product with ``w_OI`` is big enough for oneDNN's fixed cost."""
     return rows * w_OI.shape[0] * w_OI.shape[1] >= ONEDNN_MIN_MACS
 
 
