@@ -200,11 +200,9 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     Returns:
         ``(..., O)``.
     """
-    if not applies(x, weight) or x.shape[-1] == 0 or (bias is not None and bias.dtype != torch.float32):
+    if not applies(x, weight) or x.numel() == 0 or (bias is not None and bias.dtype != torch.float32):
         return F.linear(x, weight, bias)
     rows = x.numel() // x.shape[-1]
-    if rows == 0:
-        return F.linear(x, weight, bias)
     x_MI = x.reshape(rows, x.shape[-1])
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or
                                     (bias is not None and bias.requires_grad)):

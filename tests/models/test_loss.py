@@ -77,22 +77,26 @@ def test_without_grad_only_the_loss():
         torch.testing.assert_close(linear_cross_entropy(h, w, labels), reference(h, w, labels))
 
 
+def loss_and_grads(model, forward, **kwargs):
+    """``forward(**kwargs)``'s output, after backward of loss + aux loss, and the parameters' gradients."""
+    model.zero_grad()
+    out = forward(**kwargs)
+    (out.loss + out.aux_loss).backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
 def test_model_return_logits_false_gives_the_same_loss_and_gradients():
     torch.manual_seed(0)
     model = MoEForCausalLM(cfg())
     ids = torch.randint(0, 64, (2, 11))
     labels = ids.clone()
     labels[1, 3] = -100
-    full = model(ids, labels=labels)
-    (full.loss + full.aux_loss).backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    fused = model(ids, labels=labels, return_logits=False)
+    full, grads = loss_and_grads(model, model, input_ids=ids, labels=labels)
+    fused, fused_grads = loss_and_grads(model, model, input_ids=ids, labels=labels, return_logits=False)
     assert fused.logits is None
     torch.testing.assert_close(fused.loss, full.loss)
-    (fused.loss + fused.aux_loss).backward()
-    for n, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, grads[n], rtol=1e-5, atol=1e-7, msg=n)
+    for n, g in fused_grads.items():
+        torch.testing.assert_close(g, grads[n], rtol=1e-5, atol=1e-7, msg=n)
     with pytest.raises(ValueError, match="needs labels"):
         model(ids, return_logits=False)
 
@@ -104,12 +108,9 @@ def test_torch_compile_trains_like_eager():
     torch.manual_seed(0)
     model = MoEForCausalLM(cfg(num_hidden_layers=1))
     ids = torch.randint(0, 64, (2, 12))
-    eager = model(ids, labels=ids, return_logits=False)
-    (eager.loss + eager.aux_loss).backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    out = torch.compile(model)(ids, labels=ids, return_logits=False)
-    (out.loss + out.aux_loss).backward()
+    eager, grads = loss_and_grads(model, model, input_ids=ids, labels=ids, return_logits=False)
+    out, compiled_grads = loss_and_grads(model, torch.compile(model), input_ids=ids, labels=ids,
+                                         return_logits=False)
     torch.testing.assert_close(out.loss, eager.loss, rtol=1e-5, atol=1e-6)
-    for n, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-6, msg=n)
+    for n, g in compiled_grads.items():
+        torch.testing.assert_close(g, grads[n], rtol=1e-4, atol=1e-6, msg=n)
