@@ -2,7 +2,9 @@
 
 The measurements behind ``moekit.kernels.cpu``'s choices, on this machine, one thread:
 
-1. matrix products ``x (M, I) @ w (O, I).T`` of training sizes: GFLOP/s of torch (MKL), oneDNN;
+1. matrix products of training sizes, GFLOP/s of torch (MKL) and oneDNN: forward ``x (M, I) @ w (O, I).T``
+   and weight gradient ``g (M, O).T @ x (M, I)`` (oneDNN's linear op needs one operand transposed
+   into a copy for it; the faster of its two orientations is timed);
 2. decode-sized products (M = 1..16 rows) with the weight hot in cache (the same weight every
    call) and cold (cycling through 64 MB of weights): microseconds of torch (MKL), oneDNN, and one
    OpenBLAS (numpy) matrix-vector product per row;
@@ -44,6 +46,16 @@ def mkl(x, w):
     return x @ w.T
 
 
+def onednn_weight_grad(g, x):
+    if g.shape[1] > x.shape[1]:
+        return onednn(x.T, g.T).T.contiguous()
+    return onednn(g.T, x.T)
+
+
+def mkl_weight_grad(g, x):
+    return g.T @ x
+
+
 def time_product(fn, x, weights: list[torch.Tensor], cold: bool, calls: int = 200) -> float:
     """Seconds per ``fn(x, w)``: the same weight every call (hot) or the next of ``weights`` (cold)."""
     if not cold:
@@ -60,15 +72,20 @@ def main() -> None:
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}, moekit fast paths enabled: {cpu.enabled()}")
     print("\n1. matrix products, GFLOP/s")
-    print("| M x I x O | torch (MKL) | oneDNN | oneDNN / MKL |")
-    print("|---|---:|---:|---:|")
+    print("| M x I x O | forward MKL | forward oneDNN | oneDNN / MKL | weight grad MKL | weight grad oneDNN "
+          "| oneDNN / MKL |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for m, i, o in [(2048, 256, 256), (2048, 256, 1024), (512, 256, 1024), (512, 512, 256), (2048, 256, 8),
                     (64, 256, 1024), (16, 256, 1024)]:
         x, w = torch.randn(m, i), [torch.randn(o, i)]
         calls = max(3, int(2e8 // (m * i * o)))
         t_mkl, t_dnn = time_product(mkl, x, w, False, calls), time_product(onednn, x, w, False, calls)
+        g = [torch.randn(m, o)]
+        t_mkl_wg = time_product(lambda x, g: mkl_weight_grad(g, x), x, g, False, calls)
+        t_dnn_wg = time_product(lambda x, g: onednn_weight_grad(g, x), x, g, False, calls)
         gflop = 2 * m * i * o / 1e9
-        print(f"| {m} x {i} x {o} | {gflop / t_mkl:.0f} | {gflop / t_dnn:.0f} | {t_mkl / t_dnn:.2f} |")
+        print(f"| {m} x {i} x {o} | {gflop / t_mkl:.0f} | {gflop / t_dnn:.0f} | {t_mkl / t_dnn:.2f} "
+              f"| {gflop / t_mkl_wg:.0f} | {gflop / t_dnn_wg:.0f} | {t_mkl_wg / t_dnn_wg:.2f} |")
 
     with cpu.single_threaded_blas():
         print("\n2. decode-sized products, us per call (hot = same weight every call, cold = 64 MB cycled)")

@@ -46,7 +46,7 @@ def build_models(seed: int, device: str) -> dict[str, torch.nn.Module]:
 
 
 def make_step(name: str, model: torch.nn.Module, device: str):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else None
 
     def step(batch: torch.Tensor) -> float:

@@ -7,7 +7,10 @@ Intel's. On the AMD EPYC (Zen 5, AVX-512) of these benchmarks (docs/benchmarks.m
 - matrix products: MKL's sgemm reaches ~85 GFLOP/s per core, oneDNN ~195. oneDNN ships inside
   torch (mkldnn) and is reached through ``torch.ops.mkldnn._linear_pointwise``, the op torch's own
   compiler emits for linear layers. Its fixed cost per call (~20 us) loses on small products, so
-  it takes products of at least ``ONEDNN_MIN_MACS`` multiply-adds;
+  it takes products of at least ``ONEDNN_MIN_MACS`` multiply-adds. Forward and input-gradient
+  products only: a weight gradient ``g.T @ x`` reduces over the rows, and oneDNN's linear op
+  would need one operand transposed into a copy first; MKL reads both in place and was 1.4-1.8x
+  faster for those on 2 threads (AMD EPYC Zen 4, ``bench/cpu_matmul.py``), so they stay torch's;
 - matrix-vector products (decode steps, up to ``MATVEC_MAX_ROWS`` rows): MKL streams a weight at
   ~10 GB/s from memory and ~45 GB/s from cache, the OpenBLAS that numpy ships at ~20-27 and ~65
   GB/s. The weights are shared with numpy without copying. Taken only without autograd and while
@@ -150,28 +153,14 @@ def _mm_t(x_MI: Tensor, w_OI: Tensor) -> Tensor:
     return torch.ops.mkldnn._linear_pointwise(x_MI, w_OI, None, "none", [], "")
 
 
-def _weight_grad(g_MO: Tensor, x_MI: Tensor) -> Tensor:
-    """``g_MO.T @ x_MI`` ``(O, I)`` contiguous; oneDNN is fastest with the wider side as its columns."""
-    if g_MO.shape[1] > x_MI.shape[1]:
-        return _mm_t(x_MI.T, g_MO.T).T.contiguous()
-    return _mm_t(g_MO.T, x_MI.T)
-
-
 def mm_t(x_MI: Tensor, w_OI: Tensor) -> Tensor:
     """``x_MI @ w_OI.T`` for 2-D operands (any strides), by this module where :func:`applies`;
     no autograd."""
     return _forward(x_MI, w_OI) if applies(x_MI, w_OI) else x_MI @ w_OI.T
 
 
-def mm_tn(g_MO: Tensor, x_MI: Tensor) -> Tensor:
-    """``g_MO.T @ x_MI`` ``(O, I)``, a weight gradient, on oneDNN where it applies; no autograd."""
-    if applies(g_MO, x_MI) and g_MO.shape[0] * g_MO.shape[1] * x_MI.shape[1] >= ONEDNN_MIN_MACS:
-        return _weight_grad(g_MO, x_MI)
-    return g_MO.T @ x_MI
-
-
 class _Linear(torch.autograd.Function):
-    """``y = x @ w.T (+ b)`` for 2-D ``x``; both passes through oneDNN."""
+    """``y = x @ w.T (+ b)`` for 2-D ``x``; forward and input gradient through oneDNN."""
 
     @staticmethod
     def forward(ctx, x_MI: Tensor, w_OI: Tensor, b_O: Tensor | None) -> Tensor:
@@ -185,7 +174,7 @@ class _Linear(torch.autograd.Function):
         x_MI, w_OI = ctx.saved_tensors
         g_MO = g_MO.contiguous()
         gx = _mm_t(g_MO, w_OI.T) if ctx.needs_input_grad[0] else None
-        gw = _weight_grad(g_MO, x_MI) if ctx.needs_input_grad[1] else None
+        gw = g_MO.T @ x_MI if ctx.needs_input_grad[1] else None  # torch's (MKL), see the module docstring
         gb = g_MO.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return gx, gw, gb
 
@@ -241,7 +230,8 @@ def _grouped_forward(x_SI: Tensor, w_EOI: Tensor, groups: list[tuple[int, int, i
 
 
 class _GroupedMM(torch.autograd.Function):
-    """Grouped ``y_SO[s] = x_SI[s] @ w_EOI[expert(s)].T``; each group's products on oneDNN or torch."""
+    """Grouped ``y_SO[s] = x_SI[s] @ w_EOI[expert(s)].T``; each group's forward and input-gradient
+    products on oneDNN or torch by size, weight gradients on torch's."""
 
     @staticmethod
     def forward(ctx, x_SI: Tensor, w_EOI: Tensor, counts_E: Tensor) -> Tensor:
@@ -270,11 +260,8 @@ class _GroupedMM(torch.autograd.Function):
             for expert in range(w_EOI.shape[0]):
                 if expert not in used:
                     gw[expert].zero_()
-            for expert, start, stop in ctx.groups:
-                if _use_onednn(stop - start, w_EOI[expert]):
-                    gw[expert] = _weight_grad(g_SO[start:stop], x_SI[start:stop])
-                else:
-                    torch.mm(g_SO[start:stop].T, x_SI[start:stop], out=gw[expert])
+            for expert, start, stop in ctx.groups:  # torch's (MKL), see the module docstring
+                torch.mm(g_SO[start:stop].T, x_SI[start:stop], out=gw[expert])
         return gx, gw, None
 
 
