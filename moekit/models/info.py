@@ -70,8 +70,9 @@ def flops_per_token(config: ModelConfig, context: int | None = None) -> dict[str
     c = config.max_position_embeddings if context is None else context
     norms = sum(r.norms for r in rows) + other["final_norm"]
     active = sum(r.active for r in rows) + other["embedding"] + other["head"] + other["final_norm"]
-    # The embedding is a lookup; the head is a matmul whether tied or not.
-    matmul = 2.0 * (active - norms - other["embedding"] + config.vocab_size * config.hidden_size)
+    # The embedding is a lookup; the head is one (V, D) matmul whether tied or not.
+    head = config.vocab_size * config.hidden_size
+    matmul = 2.0 * (active - norms - other["embedding"] - other["head"] + head)
     w = config.sliding_window
     mean_keys = sum(min(i + 1, w or c) for i in range(c)) / c
     attention = 4.0 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * mean_keys

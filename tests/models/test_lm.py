@@ -151,6 +151,9 @@ def test_describe_reports_counts_memory_and_flops():
     f = flops_per_token(c, context=8)
     norms = sum(r.norms for r in rows) + other["final_norm"]
     assert f["matmul"] == 2 * (active - norms)  # tied: the embedding's matrix is the head's matmul
+    untied = c.replace(tie_word_embeddings=False)
+    # untied: the head counts once, the embedding (a lookup) not at all
+    assert flops_per_token(untied, context=8)["matmul"] == f["matmul"]
     assert f["attention"] == 4 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * 4.5  # mean keys
     windowed = flops_per_token(c.replace(sliding_window=2), context=8)["attention"]
     assert windowed == 4 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * (1 + 2 * 7) / 8
