@@ -6,6 +6,10 @@ same random token batches; one timed step = forward (loss + router aux loss) + b
 step. The three contenders take turns, round after round, so machine load hits them alike; the
 table gives each one's median tok/s and moekit's ratio to each transformers variant.
 
+The last line is the measured floor: a step's FLOPs (3x the forward FLOPs of ``moekit info``) at the
+best matrix-product rate measured in the same run (torch's MKL or oneDNN, whichever is faster, on
+a ``2048 x 256 x 1024`` float32 product with the same threads), next to 2x transformers' best.
+
     .venv/bin/python bench/train_throughput.py [--rounds 5] [--steps 3] [--threads N] [--device cpu]
 """
 
@@ -18,6 +22,7 @@ import time
 import torch
 
 from moekit.models import MoEForCausalLM, get_preset
+from moekit.models.info import flops_per_token
 
 
 def build_models(seed: int, device: str) -> dict[str, torch.nn.Module]:
@@ -65,6 +70,28 @@ def make_step(name: str, model: torch.nn.Module, device: str):
     return step
 
 
+def gemm_rate(device: str) -> float:
+    """Best measured float32 FLOP/s of a ``2048 x 256 x 1024`` product: torch's own or oneDNN's (CPU)."""
+    x, w = torch.randn(2048, 256, device=device), torch.randn(1024, 256, device=device)
+    products = [lambda: x @ w.T]
+    if device == "cpu" and torch.backends.mkldnn.is_available():
+        products.append(lambda: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""))
+    best = float("inf")
+    for product in products:
+        for _ in range(3):
+            product()
+        for _ in range(5):
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(10):
+                product()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            best = min(best, (time.perf_counter() - t0) / 10)
+    return 2 * 2048 * 256 * 1024 / best
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5, help="rounds of --steps steps per contender")
@@ -107,6 +134,12 @@ def main() -> None:
     for name, v in rates.items():
         ratio = med["moekit"] / med[name]
         print(f"{name:>14} {med[name]:>15,.0f} {min(v):>8,.0f} {max(v):>8,.0f} {ratio:>13.2f}x")
+    step_flops = 3 * flops_per_token(models["moekit"].config, args.seq)["total"] * args.batch * args.seq
+    rate = gemm_rate(args.device)
+    best_hf = max(med["HF eager"], med["HF grouped_mm"])
+    print(f"floor: {step_flops / 1e9:.1f} GFLOP per step at {rate / 1e9:.0f} GFLOP/s (best measured product "
+          f"rate) = {args.batch * args.seq * rate / step_flops:,.0f} tok/s; 2x transformers' best = "
+          f"{2 * best_hf:,.0f} tok/s")
 
 
 if __name__ == "__main__":
