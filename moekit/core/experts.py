@@ -44,7 +44,7 @@ class _GatedActivation(torch.autograd.Function):
         gate_SF, up_SF = h_SH[:, :inter], h_SH[:, inter:]
         ctx.save_for_backward(h_SH)
         ctx.silu = silu
-        return (F.silu(gate_SF) if silu else F.gelu(gate_SF)) * up_SF
+        return (F.silu(gate_SF) if silu else F.gelu(gate_SF)).mul_(up_SF)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -53,12 +53,13 @@ class _GatedActivation(torch.autograd.Function):
         inter = h_SH.shape[1] // 2
         gate_SF, up_SF = h_SH[:, :inter], h_SH[:, inter:]
         grad_SH = torch.empty_like(h_SH)
+        # Both halves written in place (the out= variants): no temporaries to copy in.
         if ctx.silu:
             torch.mul(g_SF, F.silu(gate_SF), out=grad_SH[:, inter:])
-            grad_SH[:, :inter] = torch.ops.aten.silu_backward(g_SF * up_SF, gate_SF)
+            torch.ops.aten.silu_backward(g_SF * up_SF, gate_SF, grad_input=grad_SH[:, :inter])
         else:
             torch.mul(g_SF, F.gelu(gate_SF), out=grad_SH[:, inter:])
-            grad_SH[:, :inter] = torch.ops.aten.gelu_backward(g_SF * up_SF, gate_SF)
+            torch.ops.aten.gelu_backward(g_SF * up_SF, gate_SF, grad_input=grad_SH[:, :inter])
         return grad_SH, None
 
 
