@@ -7,8 +7,11 @@ ratios; forward runs under ``torch.no_grad()``, forward+backward calls ``y.backw
     python bench/moe_layer.py                 # CPU: D=256, F=512, E=8, k=2, fp32, T in {1, 64, 2048}
     python bench/moe_layer.py --device cuda   # Mixtral-8x7B shapes, bf16, T up to 16384, plus the floor
 
-On CUDA the floor is ``max(FLOPs / peak, bytes / bandwidth)`` with the bf16 matmul peak and the copy
-bandwidth measured in the same run. transformers is a benchmark dependency only.
+The forward rows end with the floor ``max(FLOPs / peak, bytes / bandwidth)``, both measured in the
+same run (FLOPs of the experts' products, bytes of the experts the tokens hit): on CUDA the bf16
+matmul peak and the copy bandwidth; on the CPU the best float32 product rate (torch's MKL or oneDNN,
+``2048 x 256 x 1024``) and the rate at which a ``sum`` streams the layer's expert weights, so the
+row says how far each T is from what the machine allows. transformers is a benchmark dependency only.
 
 The whole run holds numpy's OpenBLAS on one thread (``moekit.kernels.cpu.single_threaded_blas``, as
 ``moekit.inference.generate`` does), which turns on moekit's matrix-vector path for decode-sized
@@ -126,6 +129,19 @@ def check_parity(modules: dict[str, torch.nn.Module], x: torch.Tensor) -> float:
     return float((ours - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
+def cpu_peaks(moe: MoE) -> tuple[float, float]:
+    """Measured (float32 product FLOP/s, weight-streaming bytes/s) on the CPU, with torch's threads."""
+    x, w = torch.randn(2048, 256), torch.randn(1024, 256)
+    products = [lambda: x @ w.T]
+    if torch.backends.mkldnn.is_available():
+        products.append(lambda: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""))
+    seconds = min(time_call(fn, "cpu", 10) for fn in products for _ in range(5))
+    weights = [p.detach() for p in moe.experts.parameters()]
+    nbytes = sum(p.numel() * p.element_size() for p in weights)
+    stream = min(time_call(lambda: [p.sum() for p in weights], "cpu", 10) for _ in range(5))
+    return 2 * 2048 * 256 * 1024 / seconds, nbytes / stream
+
+
 def device_peaks(dtype: torch.dtype) -> tuple[float, float]:
     """Measured (matmul FLOP/s, copy bytes/s) on the current CUDA device."""
     n = 8192
@@ -167,13 +183,16 @@ def main() -> None:
     print(f"# device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} "
           f"D={shapes['hidden']} F={shapes['inter']} E={shapes['experts']} k={shapes['top_k']} "
           f"dtype={shapes['dtype']} backend={args.backend} clock={args.clock}")
-    peaks = device_peaks(shapes["dtype"]) if args.device == "cuda" else None
-    if peaks:
+    if args.device == "cuda":
+        peaks = device_peaks(shapes["dtype"])
         print(f"# measured peak {peaks[0] / 1e12:.1f} TFLOP/s, copy bandwidth {peaks[1] / 1e9:.0f} GB/s")
+    else:
+        peaks = cpu_peaks(modules["moekit"])
+        print(f"# measured float32 product rate {peaks[0] / 1e9:.0f} GFLOP/s, expert weights streamed at "
+              f"{peaks[1] / 1e9:.1f} GB/s")
     header = ("| pass | T | moekit ms | hf eager ms | hf grouped_mm ms | eager/moekit | grouped_mm/moekit "
               "| experts' matmuls alone ms |")
-    if peaks:
-        header += " floor ms | moekit / floor |"
+    header += " floor ms | moekit / floor |"
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for num_tokens in shapes["tokens"]:
@@ -188,13 +207,13 @@ def main() -> None:
             matmuls = "" if alone is None else f"{alone:.3f}"
             row = (f"| {'fwd+bwd' if backward else 'fwd'} | {num_tokens} | {ours:.3f} | {eager:.3f} | "
                    f"{grouped:.3f} | {eager / ours:.2f} | {grouped / ours:.2f} | {matmuls} |")
-            if peaks and not backward:
+            if not backward:
                 with torch.no_grad():
                     _, info = modules["moekit"](x)
                 hit = int((info.tokens_per_expert > 0).sum())
                 floor = floor_ms(shapes, num_tokens, hit, *peaks)
                 row += f" {floor:.3f} | {ms['moekit'] / floor:.2f} |"
-            elif peaks:
+            else:
                 row += " | |"
             print(row, flush=True)
 

@@ -94,17 +94,27 @@ class Experts(nn.Module):
         return self.gate_up_proj if self.gated else self.up_proj
 
     def forward(self, x_SD: Tensor, counts_E: Tensor) -> Tensor:
-        """``(S, D)`` sorted rows, ``(E,)`` counts -> ``(S, D)`` expert outputs (same order)."""
+        """``(S, D)`` sorted rows, ``(E,)`` counts -> ``(S, D)`` expert outputs (same order).
+
+        Two grouped matmuls through the seam with the activation between them; on the CPUs of
+        :mod:`moekit.kernels.cpu` the ``grouped`` backend instead runs each expert's whole
+        feed-forward in turn from ``FFN_MIN_ROWS`` rows (:func:`moekit.kernels.cpu.expert_ffn`,
+        same products, less memory traffic).
+        """
+        rows = x_SD.shape[0]
+        if self.backend == "grouped" and rows >= cpu.FFN_MIN_ROWS and cpu.applies(x_SD, self.in_proj):
+            return cpu.expert_ffn(x_SD, self.in_proj, self.down_proj, counts_E, self._activate)
         h_SH = grouped_mm(x_SD, self.in_proj, counts_E, self.backend)
-        if self.gated:
-            gate_SF, up_SF = h_SH[:, : self.intermediate_size], h_SH[:, self.intermediate_size :]
-            if torch.is_grad_enabled() and h_SH.requires_grad:
-                h_SF = _GatedActivation.apply(h_SH, self.activation == "swiglu")
-            else:  # inference: one temporary fewer
-                h_SF = self.act_fn(gate_SF).mul_(up_SF)
-        else:
-            h_SF = self.act_fn(h_SH)
-        return grouped_mm(h_SF, self.down_proj, counts_E, self.backend)
+        return grouped_mm(self._activate(h_SH), self.down_proj, counts_E, self.backend)
+
+    def _activate(self, h_SH: Tensor) -> Tensor:
+        """``act(gate) * up`` (gated) or ``act(h)`` of the first projection's output ``(S, H)``;
+        in place when autograd does not record it (inference: one temporary fewer)."""
+        if not self.gated:
+            return self.act_fn(h_SH)
+        if torch.is_grad_enabled() and h_SH.requires_grad:
+            return _GatedActivation.apply(h_SH, self.activation == "swiglu")
+        return self.act_fn(h_SH[:, : self.intermediate_size]).mul_(h_SH[:, self.intermediate_size :])
 
     def forward_slots(self, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor) -> Tensor:
         """Small-batch path: ``y_TD[t] = sum_k weights_TK[t, k] * expert_{ids_TK[t, k]}(x_TD[t])``.

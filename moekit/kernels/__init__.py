@@ -8,7 +8,9 @@ multiplied by its expert's weight, stored as ``(E, out, in)`` like ``nn.Linear``
 
 Backends:
     ``reference``  a plain Python loop over every expert; float64 friendly; the test oracle, kept forever.
-    ``grouped``    float32 on CPU: oneDNN per group (:mod:`moekit.kernels.cpu`) where it is enabled;
+    ``grouped``    float32 on CPU: oneDNN per group (:mod:`moekit.kernels.cpu`) where it is enabled
+                   (there, from ``cpu.FFN_MIN_ROWS`` rows, ``Experts`` runs each expert's whole
+                   feed-forward in turn, :func:`moekit.kernels.cpu.expert_ffn`, instead of two calls);
                    else ``torch.nn.functional.grouped_mm`` where this torch/device/dtype supports it, a
                    gathered batched matmul for a handful of rows, else a loop over the non-empty groups.
 

@@ -136,6 +136,50 @@ def test_grouped_mm_matches_reference_forward_and_backward(matvec, counts):
         close64(cpu.grouped_mm_cpu(x, w, counts_e), y64.detach())
 
 
+def _ffn64(x, w_in, w_down, counts, activation):
+    """float64 reference of the experts' feed-forward: two reference grouped matmuls around the act."""
+    h = grouped_mm_reference(x, w_in, counts)
+    if activation == "swiglu":
+        a = torch.nn.functional.silu(h[:, : w_down.shape[2]]) * h[:, w_down.shape[2] :]
+    else:
+        a = torch.nn.functional.gelu(h)
+    return grouped_mm_reference(a, w_down, counts)
+
+
+@pytest.mark.parametrize("counts", COUNTS)
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+@pytest.mark.parametrize("wants", [(True, True, True), (True, False, False), (False, True, False),
+                                   (False, False, True)])
+def test_expert_ffn_matches_reference_forward_and_backward(matvec, counts, activation, wants):
+    from moekit.core.experts import Experts
+
+    torch.manual_seed(sum(counts) + len(activation))
+    counts_e = torch.tensor(counts)
+    experts = Experts(MoEConfig(hidden_size=20, intermediate_size=12, num_experts=4, top_k=2,
+                                activation=activation))
+    w_in, w_down = experts.in_proj.detach().clone(), experts.down_proj.detach().clone()
+    x = torch.randn(sum(counts), 20)
+    for t, want in zip((x, w_in, w_down), wants):
+        t.requires_grad_(want)
+    y = cpu.expert_ffn(x, w_in, w_down, counts_e, experts._activate)
+    leaves64 = [t.detach().double().requires_grad_(want) for t, want in zip((x, w_in, w_down), wants)]
+    y64 = _ffn64(*leaves64, counts_e, activation)
+    close64(y, y64)
+    if sum(counts):
+        g = torch.randn(y.shape, dtype=torch.float64)
+        y.backward(g.float())
+        y64.backward(g)
+        for t, t64, want in zip((x, w_in, w_down), leaves64, wants):
+            assert (t.grad is not None) == want
+            if want:
+                close64(t.grad, t64.grad)
+        for w in (w_in, w_down):
+            if w.requires_grad:
+                assert torch.all(w.grad[counts_e == 0] == 0)
+    with torch.no_grad():
+        close64(cpu.expert_ffn(x, w_in, w_down, counts_e, experts._activate), y64.detach())
+
+
 @given(rows=st.integers(0, 1 << 20))
 @settings(max_examples=300, deadline=None)
 def test_bucket_rows_bounds(rows):
@@ -188,7 +232,10 @@ def test_group_padding_policy(forced):
 
 
 @pytest.mark.parametrize("router", ["topk", "switch", "expert_choice"])
-def test_float32_layer_on_fast_paths_matches_float64_reference_backend(forced, router):
+@pytest.mark.parametrize("ffn_min_rows", [0, 1 << 30], ids=["expert_ffn", "two_grouped_mm"])
+def test_float32_layer_on_fast_paths_matches_float64_reference_backend(forced, monkeypatch, router,
+                                                                       ffn_min_rows):
+    monkeypatch.setattr(cpu, "FFN_MIN_ROWS", ffn_min_rows)
     torch.manual_seed(2)
     top_k = 1 if router == "switch" else 2
     config = MoEConfig(hidden_size=32, intermediate_size=48, num_experts=4, top_k=top_k, router=router,
