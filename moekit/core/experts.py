@@ -97,13 +97,22 @@ class Experts(nn.Module):
         """``(S, D)`` sorted rows, ``(E,)`` counts -> ``(S, D)`` expert outputs (same order).
 
         Two grouped matmuls through the seam with the activation between them; on the CPUs of
-        :mod:`moekit.kernels.cpu` the ``grouped`` backend instead runs each expert's whole
-        feed-forward in turn from ``FFN_MIN_ROWS`` rows (:func:`moekit.kernels.cpu.expert_ffn`,
-        same products, less memory traffic).
+        :mod:`moekit.kernels.cpu` the ``grouped`` backend instead runs the whole feed-forward as two
+        batched products over all experts while no gradient is recorded, torch runs more than one
+        thread, no group has more than ``BATCHED_MAX_ROWS`` rows and padding at most doubles them
+        (:func:`moekit.kernels.cpu.batched_ffn`), or each expert's in turn from ``FFN_MIN_ROWS``
+        rows (:func:`moekit.kernels.cpu.expert_ffn`, less memory traffic).
         """
-        rows = x_SD.shape[0]
-        if self.backend == "grouped" and rows >= cpu.FFN_MIN_ROWS and cpu.applies(x_SD, self.in_proj):
-            return cpu.expert_ffn(x_SD, self.in_proj, self.down_proj, counts_E, self._activate)
+        if self.backend == "grouped" and x_SD.shape[0] and cpu.applies(x_SD, self.in_proj):
+            recording = torch.is_grad_enabled() and any(
+                t.requires_grad for t in (x_SD, self.in_proj, self.down_proj))
+            largest = int(counts_E.max())
+            # Batched while its zero padding at most doubles the rows (it computes every expert).
+            if (not recording and torch.get_num_threads() > 1 and largest <= cpu.BATCHED_MAX_ROWS
+                    and len(counts_E) * largest <= 2 * len(x_SD)):
+                return cpu.batched_ffn(x_SD, self.in_proj, self.down_proj, counts_E, self._activate)
+            if x_SD.shape[0] >= cpu.FFN_MIN_ROWS:
+                return cpu.expert_ffn(x_SD, self.in_proj, self.down_proj, counts_E, self._activate)
         h_SH = grouped_mm(x_SD, self.in_proj, counts_E, self.backend)
         return grouped_mm(self._activate(h_SH), self.down_proj, counts_E, self.backend)
 

@@ -1,16 +1,17 @@
 """float32 CPU matmuls where torch's own are slow: oneDNN for matrix products, OpenBLAS for
-matrix-vector products. Used by the model's dense projections and the experts' grouped matmul.
+matrix-vector products. Used by the model's dense projections and the experts' products.
 
 Why: torch's CPU float32 matmul calls MKL, and MKL runs its AVX2 code on CPUs that are not
-Intel's. On the AMD EPYC (Zen 5, AVX-512) of these benchmarks (docs/benchmarks.md):
+Intel's. On the AMD EPYCs (AVX-512) of these benchmarks (docs/benchmarks.md):
 
-- matrix products: MKL's sgemm reaches ~85 GFLOP/s per core, oneDNN ~195. oneDNN ships inside
+- matrix products: MKL's sgemm reaches ~85 GFLOP/s per core, oneDNN ~195 on Zen 5 (on Zen 4, whose
+  AVX-512 units are 256 bits wide, 46-96 vs 69-102, and MKL is close on 2 threads). oneDNN ships inside
   torch (mkldnn) and is reached through ``torch.ops.mkldnn._linear_pointwise``, the op torch's own
   compiler emits for linear layers. Its fixed cost per call (~20 us) loses on small products, so
   it takes products of at least ``ONEDNN_MIN_MACS`` multiply-adds. Forward and input-gradient
   products only: a weight gradient ``g.T @ x`` reduces over the rows, and oneDNN's linear op
-  would need one operand transposed into a copy first; MKL reads both in place and was 1.4-1.8x
-  faster for those on 2 threads (AMD EPYC Zen 4, ``bench/cpu_matmul.py``), so they stay torch's;
+  would need one operand transposed into a copy first; MKL reads both in place and was 1.2-6x
+  faster for those on 2 threads (Zen 4, ``bench/cpu_matmul.py``), so they stay torch's;
 - matrix-vector products (decode steps, up to ``MATVEC_MAX_ROWS`` rows): MKL streams a weight at
   ~10 GB/s from memory and ~45 GB/s from cache, the OpenBLAS that numpy ships at ~20-27 and ~65
   GB/s. The weights are shared with numpy without copying. Taken only without autograd and while
@@ -52,6 +53,9 @@ PAD_MIN_ROWS = 8
 # (S, H) intermediates stay in cache and two grouped matmuls (with the matrix-vector path for tiny
 # groups) were as fast or faster (docs/benchmarks.md).
 FFN_MIN_ROWS = 256
+# Up to this many rows in the largest group, on more than one thread, the experts' feed-forward runs
+# as two batched products over all the experts (batched_ffn): torch.bmm spreads them over the threads.
+BATCHED_MAX_ROWS = 16
 
 
 def _cpu_vendor() -> str:
@@ -352,6 +356,36 @@ def expert_ffn(x_SI: Tensor, w_EHI: Tensor, w_EOF: Tensor, counts_E: Tensor,
     if torch.is_grad_enabled() and (x_SI.requires_grad or w_EHI.requires_grad or w_EOF.requires_grad):
         return _ExpertFFN.apply(x_SI, w_EHI, w_EOF, counts_E, activate)
     return _ffn_forward(x_SI, w_EHI, w_EOF, _groups(counts_E), activate)[0]
+
+
+def batched_ffn(x_SI: Tensor, w_EHI: Tensor, w_EOF: Tensor, counts_E: Tensor,
+                activate: Callable[[Tensor], Tensor]) -> Tensor:
+    """The routed experts' whole feed-forward, as :func:`expert_ffn` computes it, for small groups:
+    every group zero-padded to the largest, ``M`` rows, then two batched products over all ``E``
+    experts, ``(E, M, I) @ (E, I, H)`` and ``(E, M, F) @ (E, F, O)``, with ``activate`` between.
+
+    A product of a few rows with one expert's weight keeps one thread busy at best; ``torch.bmm``
+    gives each thread its own experts. Worth the padding while groups are small, up to
+    ``BATCHED_MAX_ROWS`` rows: the layer's forward 1.1-1.3x faster for 5-32 tokens (8 experts,
+    top-2, D=256, F=512) on 2 threads of the Zen 4 CPU, about even at 64, ~0.9x on one thread; and
+    greedy decoding at batch 8-16 1.1-1.2x faster (docs/benchmarks.md). The weights' layout
+    (``nn.Linear``'s) is read in place. Differentiable by torch's autograd, but forward and backward
+    together were 1.2-1.5x slower than two grouped matmuls (the padded rows' products): ``Experts``
+    takes it for inference on more than one thread only.
+
+    Args and returns as :func:`expert_ffn`.
+    """
+    counts = counts_E.tolist()
+    experts, rows = len(counts), max(counts)
+    starts_E = torch.cumsum(counts_E, 0) - counts_E
+    # Row s of expert e's group (sorted position start_e + j) goes to padded row e * rows + j.
+    shift_E = torch.arange(experts) * rows - starts_E
+    pos_S = torch.arange(x_SI.shape[0]) + torch.repeat_interleave(shift_E, counts_E, output_size=len(x_SI))
+    x_EMI = x_SI.new_zeros(experts * rows, x_SI.shape[1]).index_copy(0, pos_S, x_SI)
+    h_EMH = torch.bmm(x_EMI.view(experts, rows, x_SI.shape[1]), w_EHI.transpose(1, 2))
+    a_EMF = activate(h_EMH.view(experts * rows, w_EHI.shape[1])).view(experts, rows, w_EOF.shape[2])
+    y_EMO = torch.bmm(a_EMF, w_EOF.transpose(1, 2))
+    return y_EMO.view(experts * rows, w_EOF.shape[1]).index_select(0, pos_S)
 
 
 def grouped_mm_cpu(x_SI: Tensor, w_EOI: Tensor, counts_E: Tensor) -> Tensor:

@@ -35,6 +35,20 @@ def matvec(forced):
         yield
 
 
+# The experts' three fast feed-forward paths, by (BATCHED_MAX_ROWS, FFN_MIN_ROWS).
+FFN_PATHS = {"batched_ffn": (1 << 30, 1 << 30), "expert_ffn": (0, 0), "two_grouped_mm": (0, 1 << 30)}
+
+
+@pytest.fixture(params=list(FFN_PATHS))
+def ffn_path(request, monkeypatch):
+    """Every routed-expert group through one of Experts.forward's fast paths, whatever its size
+    (batched_ffn: as long as its padding at most doubles the rows)."""
+    batched_max_rows, ffn_min_rows = FFN_PATHS[request.param]
+    monkeypatch.setattr(cpu, "BATCHED_MAX_ROWS", batched_max_rows)
+    monkeypatch.setattr(cpu, "FFN_MIN_ROWS", ffn_min_rows)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+
+
 def close64(actual, expected):
     """float32 result vs float64 reference: relative to the reference's size (at least 1)."""
     assert actual.shape == expected.shape
@@ -146,11 +160,12 @@ def _ffn64(x, w_in, w_down, counts, activation):
     return grouped_mm_reference(a, w_down, counts)
 
 
+@pytest.mark.parametrize("ffn", ["expert_ffn", "batched_ffn"])
 @pytest.mark.parametrize("counts", COUNTS)
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
 @pytest.mark.parametrize("wants", [(True, True, True), (True, False, False), (False, True, False),
                                    (False, False, True)])
-def test_expert_ffn_matches_reference_forward_and_backward(matvec, counts, activation, wants):
+def test_expert_ffn_matches_reference_forward_and_backward(matvec, ffn, counts, activation, wants):
     from moekit.core.experts import Experts
 
     torch.manual_seed(sum(counts) + len(activation))
@@ -161,7 +176,8 @@ def test_expert_ffn_matches_reference_forward_and_backward(matvec, counts, activ
     x = torch.randn(sum(counts), 20)
     for t, want in zip((x, w_in, w_down), wants):
         t.requires_grad_(want)
-    y = cpu.expert_ffn(x, w_in, w_down, counts_e, experts._activate)
+    ffn = getattr(cpu, ffn)
+    y = ffn(x, w_in, w_down, counts_e, experts._activate)
     leaves64 = [t.detach().double().requires_grad_(want) for t, want in zip((x, w_in, w_down), wants)]
     y64 = _ffn64(*leaves64, counts_e, activation)
     close64(y, y64)
@@ -177,7 +193,7 @@ def test_expert_ffn_matches_reference_forward_and_backward(matvec, counts, activ
             if w.requires_grad:
                 assert torch.all(w.grad[counts_e == 0] == 0)
     with torch.no_grad():
-        close64(cpu.expert_ffn(x, w_in, w_down, counts_e, experts._activate), y64.detach())
+        close64(ffn(x, w_in, w_down, counts_e, experts._activate), y64.detach())
 
 
 @given(rows=st.integers(0, 1 << 20))
@@ -232,10 +248,8 @@ def test_group_padding_policy(forced):
 
 
 @pytest.mark.parametrize("router", ["topk", "switch", "expert_choice"])
-@pytest.mark.parametrize("ffn_min_rows", [0, 1 << 30], ids=["expert_ffn", "two_grouped_mm"])
-def test_float32_layer_on_fast_paths_matches_float64_reference_backend(forced, monkeypatch, router,
-                                                                       ffn_min_rows):
-    monkeypatch.setattr(cpu, "FFN_MIN_ROWS", ffn_min_rows)
+@pytest.mark.parametrize("ffn_path", ["expert_ffn", "two_grouped_mm"], indirect=True)  # batched: no autograd
+def test_float32_layer_on_fast_paths_matches_float64_reference_backend(forced, ffn_path, router):
     torch.manual_seed(2)
     top_k = 1 if router == "switch" else 2
     config = MoEConfig(hidden_size=32, intermediate_size=48, num_experts=4, top_k=top_k, router=router,
@@ -259,7 +273,7 @@ def test_float32_layer_on_fast_paths_matches_float64_reference_backend(forced, m
 
 @pytest.mark.parametrize("num_tokens", [1, 3, 6, 40])
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
-def test_float32_inference_on_fast_paths_matches_float64(matvec, num_tokens, activation):
+def test_float32_inference_on_fast_paths_matches_float64(matvec, ffn_path, num_tokens, activation):
     """Decode-sized batches: the slot path (T * K <= 8) and small groups take matrix-vector products."""
     torch.manual_seed(num_tokens)
     config = MoEConfig(hidden_size=32, intermediate_size=48, num_experts=4, top_k=2, activation=activation)
@@ -272,3 +286,28 @@ def test_float32_inference_on_fast_paths_matches_float64(matvec, num_tokens, act
         y64, info64 = ref(x.double())
     assert torch.equal(info.expert_ids, info64.expert_ids)
     close64(y, y64)
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_experts_take_batched_ffn_for_small_groups_without_autograd_on_threads(forced, two_threads,
+                                                                              monkeypatch):
+    calls = []
+    batched = cpu.batched_ffn
+    monkeypatch.setattr(cpu, "batched_ffn", lambda *args: calls.append(args[3].max()) or batched(*args))
+    layer = MoE(MoEConfig(hidden_size=16, intermediate_size=24, num_experts=4, top_k=2))
+    x = torch.randn(16, 16)
+    with torch.no_grad():
+        layer(x)
+        layer(torch.randn(200, 16))  # groups over BATCHED_MAX_ROWS rows
+        torch.set_num_threads(1)
+        layer(x)
+        torch.set_num_threads(2)
+    layer(x)[0].sum().backward()
+    assert len(calls) == 1 and calls[0] <= cpu.BATCHED_MAX_ROWS
