@@ -55,7 +55,7 @@ PAD_MIN_ROWS = 8
 FFN_MIN_ROWS = 256
 # Up to this many rows in the largest group, on more than one thread, the experts' feed-forward runs
 # as two batched products over all the experts (batched_ffn): torch.bmm spreads them over the threads.
-BATCHED_MAX_ROWS = 16
+BATCHED_MAX_ROWS = 32
 
 
 def _cpu_vendor() -> str:
@@ -366,9 +366,9 @@ def batched_ffn(x_SI: Tensor, w_EHI: Tensor, w_EOF: Tensor, counts_E: Tensor,
 
     A product of a few rows with one expert's weight keeps one thread busy at best; ``torch.bmm``
     gives each thread its own experts. Worth the padding while groups are small, up to
-    ``BATCHED_MAX_ROWS`` rows: the layer's forward 1.1-1.3x faster for 5-32 tokens (8 experts,
-    top-2, D=256, F=512) on 2 threads of the Zen 4 CPU, about even at 64, ~0.9x on one thread; and
-    greedy decoding at batch 8-16 1.1-1.2x faster (docs/benchmarks.md). The weights' layout
+    ``BATCHED_MAX_ROWS`` rows: the layer's forward 1.0-1.3x faster for 5-96 tokens (8 experts,
+    top-2, D=256, F=512) on 2 threads of the Zen 4 CPU but ~0.9x on one thread, and greedy decoding
+    at batch 8-16 1.1-1.2x faster (docs/benchmarks.md). The weights' layout
     (``nn.Linear``'s) is read in place. Differentiable by torch's autograd, but forward and backward
     together were 1.2-1.5x slower than two grouped matmuls (the padded rows' products): ``Experts``
     takes it for inference on more than one thread only.
