@@ -161,16 +161,30 @@ class Experts(nn.Module):
 
     def _slots_matvec(self, x_TD: Tensor, ids: list[list[int]], weights: list[list[float]]) -> Tensor:
         """:meth:`forward_slots` on numpy views of the weights (no copies): one OpenBLAS matrix-vector
-        product per projection (see :mod:`moekit.kernels.cpu`), the activation in torch."""
+        product per projection (see :mod:`moekit.kernels.cpu`). SiLU (``swiglu``, ``silu``) in numpy
+        too, as ``g * (1 + tanh(g / 2)) / 2`` (no overflow): on one row a few numpy ufuncs cost less
+        than torch's per-op overhead (a 1-token layer forward ~35 us faster on the Zen 4 CPU); other
+        activations in torch."""
         inter, gated, act = self.intermediate_size, self.gated, self.act_fn
+        numpy_silu = self.activation in ("swiglu", "silu")
         w_in, w_down = self.in_proj.numpy(force=True), self.down_proj.numpy(force=True)
         x = x_TD.numpy(force=True)
         out = np.zeros_like(x)
         for t, (experts, slot_weights) in enumerate(zip(ids, weights)):
             for expert, weight in zip(experts, slot_weights):
-                h_H = torch.from_numpy(w_in[expert] @ x[t])
-                h_F = act(h_H[:inter]).mul_(h_H[inter:]) if gated else act(h_H)
-                out[t] += w_down[expert] @ h_F.mul_(weight).numpy()
+                h_H = w_in[expert] @ x[t]
+                if numpy_silu:
+                    gate_F = h_H[:inter] if gated else h_H
+                    a_F = np.tanh(gate_F * 0.5)
+                    a_F += 1.0
+                    a_F *= 0.5 * weight
+                    a_F *= gate_F
+                    if gated:
+                        a_F *= h_H[inter:]
+                else:
+                    h = torch.from_numpy(h_H)
+                    a_F = (act(h[:inter]).mul_(h[inter:]) if gated else act(h)).mul_(weight).numpy()
+                out[t] += w_down[expert] @ a_F
         return torch.from_numpy(out)
 
     def extra_repr(self) -> str:

@@ -12,9 +12,10 @@ Intel's. On the AMD EPYCs (AVX-512) of these benchmarks (docs/benchmarks.md):
   products only: a weight gradient ``g.T @ x`` reduces over the rows, and oneDNN's linear op
   would need one operand transposed into a copy first; MKL reads both in place and was 1.2-6x
   faster for those on 2 threads (Zen 4, ``bench/cpu_matmul.py``), so they stay torch's;
-- matrix-vector products (decode steps, up to ``MATVEC_MAX_ROWS`` rows): MKL streams a weight at
-  ~10 GB/s from memory and ~45 GB/s from cache, the OpenBLAS that numpy ships at ~20-27 and ~65
-  GB/s. The weights are shared with numpy without copying. Taken only without autograd and while
+- matrix-vector products (decode steps, up to ``MATVEC_MAX_ROWS`` rows, weights of at least
+  ``MATVEC_MIN_WEIGHT`` elements): MKL streams a weight at ~10 GB/s from memory and ~45 GB/s from
+  cache, the OpenBLAS that numpy ships at ~20-27 and ~65 GB/s. The weights are shared with numpy
+  without copying. Taken only without autograd and while
   that OpenBLAS runs one thread (its threads and torch's would compete for the cores, 4x slower):
   :func:`single_threaded_blas` sets that up, and ``moekit.inference.generate`` uses it.
 
@@ -47,6 +48,9 @@ from torch import Tensor
 # multiply-adds; one OpenBLAS matrix-vector product per row beats both up to 3 rows.
 ONEDNN_MIN_MACS = 1 << 19
 MATVEC_MAX_ROWS = 3
+# ... with weights of at least this many elements: a small weight stays in cache, where torch's
+# call costs less (a router's (8, 256) weight, one row: 2.0 vs 9.0 us).
+MATVEC_MIN_WEIGHT = 1 << 14
 # Groups from this many rows are padded by bucket_rows.
 PAD_MIN_ROWS = 8
 # The experts' feed-forward runs group by group (expert_ffn) from this many sorted rows; below, the
@@ -146,9 +150,9 @@ def gemv_rows(x_MI: Tensor, w_OI: Tensor) -> Tensor:
 def _forward(x_MI: Tensor, w_OI: Tensor) -> Tensor:
     """``x_MI @ w_OI.T`` (2-D float32 CPU operands) by the fastest path for its size; no autograd."""
     rows = x_MI.shape[0]
-    if rows <= MATVEC_MAX_ROWS and matvec_ready():
+    if rows <= MATVEC_MAX_ROWS and w_OI.numel() >= MATVEC_MIN_WEIGHT and matvec_ready():
         return gemv_rows(x_MI, w_OI)
-    return _mm_t(x_MI, w_OI) if _use_onednn(rows, w_OI) else x_MI @ w_OI.T
+    return _mm_t(x_MI, w_OI) if _use_onednn(rows, w_OI) else F.linear(x_MI, w_OI)
 
 
 def _use_onednn(rows: int, w_OI: Tensor) -> bool:
@@ -200,7 +204,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     if not applies(x, weight) or x.numel() == 0 or (bias is not None and bias.dtype != torch.float32):
         return F.linear(x, weight, bias)
     rows = x.numel() // x.shape[-1]
-    x_MI = x.reshape(rows, x.shape[-1])
+    x_MI = x if x.dim() == 2 else x.reshape(rows, x.shape[-1])  # (a reshape is ~1.4 us at one row)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or
                                     (bias is not None and bias.requires_grad)):
         if not _use_onednn(rows, weight):
@@ -210,7 +214,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         y = _forward(x_MI, weight)
         if bias is not None:
             y = y + bias
-    return y.view(*x.shape[:-1], weight.shape[0])
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], weight.shape[0])
 
 
 def _groups(counts_E: Tensor) -> list[tuple[int, int, int]]:

@@ -26,10 +26,11 @@ def forced(monkeypatch):
 
 
 @pytest.fixture
-def matvec(forced):
-    """Also the OpenBLAS matrix-vector path (numpy's OpenBLAS on one thread)."""
+def matvec(forced, monkeypatch):
+    """Also the OpenBLAS matrix-vector path (numpy's OpenBLAS on one thread), for any weight size."""
     if not HAS_OPENBLAS:
         pytest.skip("numpy's BLAS is not OpenBLAS")
+    monkeypatch.setattr(cpu, "MATVEC_MIN_WEIGHT", 0)
     with cpu.single_threaded_blas():
         assert cpu.matvec_ready()
         yield
@@ -90,16 +91,18 @@ def test_paths_by_size_and_autograd(monkeypatch):
     real_mm_t, real_gemv = cpu._mm_t, cpu.gemv_rows
     monkeypatch.setattr(cpu, "_mm_t", lambda x, w: calls.append(("onednn", x.shape[0])) or real_mm_t(x, w))
     monkeypatch.setattr(cpu, "gemv_rows", lambda x, w: calls.append(("gemv", x.shape[0])) or real_gemv(x, w))
-    big, small = torch.randn(1024, 256), torch.randn(16, 8)
+    big, mid, small = torch.randn(1024, 256), torch.randn(64, 256), torch.randn(16, 8)
+    assert mid.numel() == cpu.MATVEC_MIN_WEIGHT
     cpu.linear(torch.randn(8, 256), big)  # 2 M multiply-adds: oneDNN
     cpu.linear(torch.randn(8, 8), small)  # small product: torch
     with torch.no_grad():
-        cpu.linear(torch.randn(2, 8), small)  # decode rows, OpenBLAS multi-threaded: not yet
+        cpu.linear(torch.randn(2, 256), mid)  # decode rows, OpenBLAS multi-threaded: not yet
         with cpu.single_threaded_blas():
-            cpu.linear(torch.randn(2, 8), small)
-            cpu.linear(torch.randn(4, 8), small)  # 4 rows: no longer matrix-vector
+            cpu.linear(torch.randn(2, 256), mid)
+            cpu.linear(torch.randn(4, 256), mid)  # 4 rows: no longer matrix-vector
+            cpu.linear(torch.randn(1, 8), small)  # a small weight: torch
     with cpu.single_threaded_blas():
-        cpu.linear(torch.randn(1, 8, requires_grad=True), small)  # autograd: torch
+        cpu.linear(torch.randn(1, 256, requires_grad=True), mid)  # autograd: torch
     cpu.linear(torch.randn(8, 256, dtype=torch.float64), big.double())
     expected = [("onednn", 8), ("gemv", 2)] if cpu._numpy_openblas().get_num_threads() > 1 else [
         ("onednn", 8), ("gemv", 2), ("gemv", 2)]
@@ -272,7 +275,7 @@ def test_float32_layer_on_fast_paths_matches_float64_reference_backend(forced, f
 
 
 @pytest.mark.parametrize("num_tokens", [1, 3, 6, 40])
-@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+@pytest.mark.parametrize("activation", ["swiglu", "gelu", "silu", "geglu"])
 def test_float32_inference_on_fast_paths_matches_float64(matvec, ffn_path, num_tokens, activation):
     """Decode-sized batches: the slot path (T * K <= 8) and small groups take matrix-vector products."""
     torch.manual_seed(num_tokens)
@@ -298,6 +301,7 @@ def two_threads():
 
 def test_experts_take_batched_ffn_for_small_groups_without_autograd_on_threads(forced, two_threads,
                                                                               monkeypatch):
+    torch.manual_seed(0)
     calls = []
     batched = cpu.batched_ffn
     monkeypatch.setattr(cpu, "batched_ffn", lambda *args: calls.append(args[3].max()) or batched(*args))
