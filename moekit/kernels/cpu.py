@@ -49,7 +49,7 @@ from torch import Tensor
 ONEDNN_MIN_MACS = 1 << 19
 MATVEC_MAX_ROWS = 3
 # ... with weights of at least this many elements: a small weight stays in cache, where torch's
-# call costs less (a router's (8, 256) weight, one row: 2.0 vs 9.0 us).
+# call costs less (one row through a router's (8, 256) weight: 2.1 us in torch, 4.2 through numpy).
 MATVEC_MIN_WEIGHT = 1 << 14
 # Groups from this many rows are padded by bucket_rows.
 PAD_MIN_ROWS = 8
