@@ -108,8 +108,9 @@ def measure(modules: dict[str, torch.nn.Module], x: torch.Tensor, backward: bool
 
 
 def experts_only_ms(moe: MoE, x: torch.Tensor, rounds: int, device: str) -> float:
-    """Best-round ms of the routed experts' two grouped matmuls alone on the already-sorted buffer:
-    the part of the forward that reads the expert weights (what the layer cannot go below)."""
+    """Best-round ms of the routed experts alone (``Experts.forward``, whichever of its paths) on the
+    already-sorted buffer: the part of the forward that reads the expert weights. At T=1 the layer
+    itself takes its slot path instead, so the two are not comparable there."""
     with torch.no_grad():
         x_TD = x.reshape(-1, x.shape[-1])
         routing = moe.gate(x_TD)
