@@ -4,20 +4,20 @@ matrix-vector products. Used by the model's dense projections and the experts' p
 Why: torch's CPU float32 matmul calls MKL, and MKL runs its AVX2 code on CPUs that are not
 Intel's. On the AMD EPYCs (AVX-512) of these benchmarks (docs/benchmarks.md):
 
-- matrix products: MKL's sgemm reaches ~85 GFLOP/s per core, oneDNN ~195 on Zen 5 (on Zen 4, whose
-  AVX-512 units are 256 bits wide, 46-96 vs 69-102, and MKL is close on 2 threads). oneDNN ships inside
-  torch (mkldnn) and is reached through ``torch.ops.mkldnn._linear_pointwise``, the op torch's own
-  compiler emits for linear layers. Its fixed cost per call (~20 us) loses on small products, so
-  it takes products of at least ``ONEDNN_MIN_MACS`` multiply-adds. Forward and input-gradient
-  products only: a weight gradient ``g.T @ x`` reduces over the rows, and oneDNN's linear op
+- matrix products: MKL's sgemm reaches ~85 GFLOP/s per core, oneDNN ~195 on Zen 5 (on Zen 4,
+  whose AVX-512 units are 256 bits wide, 54-96 vs 69-102, 1.2-1.6x on 2 threads). oneDNN ships
+  inside torch (mkldnn) and is reached through ``torch.ops.mkldnn._linear_pointwise``, the op
+  torch's own compiler emits for linear layers. Its fixed cost per call (~20 us) loses on small
+  products, so it takes products of at least ``ONEDNN_MIN_MACS`` multiply-adds. Forward and
+  input-gradient products only: a weight gradient ``g.T @ x`` reduces over the rows, and oneDNN's linear op
   would need one operand transposed into a copy first; MKL reads both in place and was 1.2-6x
   faster for those on 2 threads (Zen 4, ``bench/cpu_matmul.py``), so they stay torch's;
 - matrix-vector products (decode steps, up to ``MATVEC_MAX_ROWS`` rows, weights of at least
   ``MATVEC_MIN_WEIGHT`` elements): MKL streams a weight at ~10 GB/s from memory and ~45 GB/s from
   cache, the OpenBLAS that numpy ships at ~20-27 and ~65 GB/s. The weights are shared with numpy
-  without copying. Taken only without autograd and while
-  that OpenBLAS runs one thread (its threads and torch's would compete for the cores, 4x slower):
-  :func:`single_threaded_blas` sets that up, and ``moekit.inference.generate`` uses it.
+  without copying. Taken only without autograd and while that OpenBLAS runs one thread (its
+  threads and torch's would compete for the cores, 4x slower): :func:`single_threaded_blas` sets
+  that up, and ``moekit.inference.generate`` uses it.
 
 Results are IEEE float32 either way (no reduced-precision modes); sums are ordered differently,
 so results differ from torch's in the last bits.
@@ -342,7 +342,7 @@ def expert_ffn(x_SI: Tensor, w_EHI: Tensor, w_EOF: Tensor, counts_E: Tensor,
 
     Each group's intermediate ``(rows, H)`` is made and used while it is in cache, instead of the
     two ``(S, H)`` buffers of two grouped matmuls and an activation between them (and the copies of
-    each group's oneDNN output into them): 1.1-1.9x faster for 2048 tokens on the Zen 4 CPU, not
+    each group's oneDNN output into them): 1.1-1.4x faster for 2048 tokens on the Zen 4 CPU, not
     faster below ``FFN_MIN_ROWS`` rows (docs/benchmarks.md). Products as :func:`mm_t` would compute
     them; with autograd, backward recomputes ``activate`` per group (it saves ``x_SI`` and the
     groups' ``h``, not the activation).
@@ -372,10 +372,10 @@ def batched_ffn(x_SI: Tensor, w_EHI: Tensor, w_EOF: Tensor, counts_E: Tensor,
     gives each thread its own experts. Worth the padding while groups are small, up to
     ``BATCHED_MAX_ROWS`` rows: the layer's forward 1.0-1.3x faster for 5-96 tokens (8 experts,
     top-2, D=256, F=512) on 2 threads of the Zen 4 CPU but ~0.9x on one thread, and greedy decoding
-    at batch 8-16 1.1-1.2x faster (docs/benchmarks.md). The weights' layout
-    (``nn.Linear``'s) is read in place. Differentiable by torch's autograd, but forward and backward
-    together were 1.2-1.5x slower than two grouped matmuls (the padded rows' products): ``Experts``
-    takes it for inference on more than one thread only.
+    at batch 8-16 1.1-1.2x faster (docs/benchmarks.md). The weights' layout (``nn.Linear``'s) is
+    read in place. Differentiable by torch's autograd, but forward and backward together were
+    1.2-1.5x slower than two grouped matmuls (the padded rows' products): ``Experts`` takes it for
+    inference on more than one thread only.
 
     Args and returns as :func:`expert_ffn`.
     """
