@@ -104,13 +104,11 @@ class Experts(nn.Module):
         rows (:func:`moekit.kernels.cpu.expert_ffn`, less memory traffic).
         """
         if self.backend == "grouped" and x_SD.shape[0] and cpu.applies(x_SD, self.in_proj):
-            recording = torch.is_grad_enabled() and any(
-                t.requires_grad for t in (x_SD, self.in_proj, self.down_proj))
-            largest = int(counts_E.max())
-            # Batched while its zero padding at most doubles the rows (it computes every expert).
-            if (not recording and torch.get_num_threads() > 1 and largest <= cpu.BATCHED_MAX_ROWS
-                    and len(counts_E) * largest <= 2 * len(x_SD)):
-                return cpu.batched_ffn(x_SD, self.in_proj, self.down_proj, counts_E, self._activate)
+            if not cpu.records_grad(x_SD, self.in_proj, self.down_proj) and torch.get_num_threads() > 1:
+                largest = int(counts_E.max())  # a host read: only where batched_ffn is possible
+                # Batched while its zero padding at most doubles the rows (it computes every expert).
+                if largest <= cpu.BATCHED_MAX_ROWS and len(counts_E) * largest <= 2 * len(x_SD):
+                    return cpu.batched_ffn(x_SD, self.in_proj, self.down_proj, counts_E, self._activate)
             if x_SD.shape[0] >= cpu.FFN_MIN_ROWS:
                 return cpu.expert_ffn(x_SD, self.in_proj, self.down_proj, counts_E, self._activate)
         h_SH = grouped_mm(x_SD, self.in_proj, counts_E, self.backend)
@@ -121,7 +119,7 @@ class Experts(nn.Module):
         in place when autograd does not record it (inference: one temporary fewer)."""
         if not self.gated:
             return self.act_fn(h_SH)
-        if torch.is_grad_enabled() and h_SH.requires_grad:
+        if cpu.records_grad(h_SH):
             return _GatedActivation.apply(h_SH, self.activation == "swiglu")
         return self.act_fn(h_SH[:, : self.intermediate_size]).mul_(h_SH[:, self.intermediate_size :])
 

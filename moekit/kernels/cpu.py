@@ -9,9 +9,9 @@ Intel's. On the AMD EPYCs (AVX-512) of these benchmarks (docs/benchmarks.md):
   inside torch (mkldnn) and is reached through ``torch.ops.mkldnn._linear_pointwise``, the op
   torch's own compiler emits for linear layers. Its fixed cost per call (~20 us) loses on small
   products, so it takes products of at least ``ONEDNN_MIN_MACS`` multiply-adds. Forward and
-  input-gradient products only: a weight gradient ``g.T @ x`` reduces over the rows, and oneDNN's linear op
-  would need one operand transposed into a copy first; MKL reads both in place and was 1.2-6x
-  faster for those on 2 threads (Zen 4, ``bench/cpu_matmul.py``), so they stay torch's;
+  input-gradient products only: a weight gradient ``g.T @ x`` reduces over the rows, and oneDNN's
+  linear op would need one operand transposed into a copy first; MKL reads both in place and was
+  1.2-6x faster for those on 2 threads (Zen 4, ``bench/cpu_matmul.py``), so they stay torch's;
 - matrix-vector products (decode steps, up to ``MATVEC_MAX_ROWS`` rows, weights of at least
   ``MATVEC_MIN_WEIGHT`` elements): MKL streams a weight at ~10 GB/s from memory and ~45 GB/s from
   cache, the OpenBLAS that numpy ships at ~20-27 and ~65 GB/s. The weights are shared with numpy
@@ -125,6 +125,11 @@ def applies(x: Tensor, w: Tensor) -> bool:
     return x.is_cpu and x.dtype == torch.float32 and w.dtype == torch.float32 and w.is_cpu and enabled()
 
 
+def records_grad(*tensors: Tensor | None) -> bool:
+    """Whether autograd records an op on ``tensors`` now (``None`` entries are skipped)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def bucket_rows(rows: int) -> int:
     """Rows an expert group is padded to: below ``PAD_MIN_ROWS`` none; else a multiple of 8, and of
     ``2**(floor(log2(rows)) - 4)`` (at most 1/16 extra rows), so a training run meets ~16
@@ -205,8 +210,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         return F.linear(x, weight, bias)
     rows = x.numel() // x.shape[-1]
     x_MI = x if x.dim() == 2 else x.reshape(rows, x.shape[-1])  # (a reshape is ~1.4 us at one row)
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or
-                                    (bias is not None and bias.requires_grad)):
+    if records_grad(x, weight, bias):
         if not _use_onednn(rows, weight):
             return F.linear(x, weight, bias)
         y = _Linear.apply(x_MI, weight, bias)
@@ -357,7 +361,7 @@ def expert_ffn(x_SI: Tensor, w_EHI: Tensor, w_EOF: Tensor, counts_E: Tensor,
     Returns:
         ``(S, O)``.
     """
-    if torch.is_grad_enabled() and (x_SI.requires_grad or w_EHI.requires_grad or w_EOF.requires_grad):
+    if records_grad(x_SI, w_EHI, w_EOF):
         return _ExpertFFN.apply(x_SI, w_EHI, w_EOF, counts_E, activate)
     return _ffn_forward(x_SI, w_EHI, w_EOF, _groups(counts_E), activate)[0]
 
@@ -379,8 +383,7 @@ def batched_ffn(x_SI: Tensor, w_EHI: Tensor, w_EOF: Tensor, counts_E: Tensor,
 
     Args and returns as :func:`expert_ffn`.
     """
-    counts = counts_E.tolist()
-    experts, rows = len(counts), max(counts)
+    experts, rows = counts_E.numel(), int(counts_E.max())
     starts_E = torch.cumsum(counts_E, 0) - counts_E
     # Row s of expert e's group (sorted position start_e + j) goes to padded row e * rows + j.
     shift_E = torch.arange(experts) * rows - starts_E
@@ -396,6 +399,6 @@ def grouped_mm_cpu(x_SI: Tensor, w_EOI: Tensor, counts_E: Tensor) -> Tensor:
     """The grouped matmul of :func:`moekit.kernels.grouped_mm`, each group as :func:`mm_t` would
     (float32 CPU where :func:`applies`). Any group sizes are correct; sizes from :func:`bucket_rows`
     avoid recompiling oneDNN kernels."""
-    if not (x_SI.requires_grad or w_EOI.requires_grad) or not torch.is_grad_enabled():
+    if not records_grad(x_SI, w_EOI):
         return _grouped_forward(x_SI, w_EOI, _groups(counts_E))
     return _GroupedMM.apply(x_SI, w_EOI, counts_E)
