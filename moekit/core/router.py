@@ -131,8 +131,9 @@ class NoisyTopKRouter(Router):
 
 
 class ExpertChoiceRouter(Router):
-    """Expert choice (Zhou et al. 2022): each expert takes its top-``C`` tokens by softmax score,
-    ``C = ceil(T * capacity_factor / E)`` (``MoEConfig.capacity``). A token may get 0..E experts.
+    """Expert choice (Zhou et al. 2022): each expert takes its top-``C`` tokens by softmax score
+    (the earlier token on ties), ``C = ceil(T * capacity_factor / E)`` (``MoEConfig.capacity``). A
+    token may get 0..E experts.
 
     Non-causal: a token's routing depends on the other tokens of the batch (later ones included), so
     it is not suitable for autoregressive decoding. Output uses ``K = E`` slots per token:
@@ -149,7 +150,9 @@ class ExpertChoiceRouter(Router):
         capacity = self.config.capacity(x_TD.shape[0], self.training)
         assert capacity is not None
         capacity = min(capacity, x_TD.shape[0])
-        _, tokens_EC = torch.topk(probs_TE.T, capacity, dim=-1)
+        # Ties (e.g. one expert: every score is 1) go to the earlier token, as in the reference;
+        # torch.topk leaves their order unspecified.
+        tokens_EC = torch.sort(probs_TE.T, dim=-1, descending=True, stable=True).indices[:, :capacity]
         picked_TE = torch.zeros_like(probs_TE, dtype=torch.bool)
         picked_TE[tokens_EC, torch.arange(self.num_experts, device=x_TD.device)[:, None]] = True
         experts_E = torch.arange(self.num_experts, device=x_TD.device)

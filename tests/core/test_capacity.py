@@ -109,6 +109,14 @@ def test_expert_choice_gives_every_expert_exactly_c_tokens():
         assert info.expert_ids.shape == (tokens, 4)
 
 
+def test_expert_choice_breaks_ties_by_token_order():
+    """One expert: every softmax score is 1.0, so the expert takes the first C tokens."""
+    moe = MoE(MoEConfig(hidden_size=6, intermediate_size=8, num_experts=1, top_k=1, router="expert_choice",
+                        capacity_factor=0.5))
+    _, info = moe(torch.randn(64, 6))
+    assert info.expert_ids[:, 0].tolist() == [0] * 32 + [-1] * 32
+
+
 def test_dispatcher_round_trip_is_a_permutation():
     torch.manual_seed(0)
     ids = torch.randint(0, 5, (9, 2))
