@@ -137,7 +137,6 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from moekit.inference import generate_text
     from moekit.train import load_run
 
     if args.model is not None:
@@ -147,27 +146,37 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.run_dir is None or not args.prompt:
         raise ValueError("generate needs RUN_DIR and --prompt (or --model PATH for a checkpoint)")
     model, tokenizer, info = load_run(args.run_dir, step=args.step, device=args.device)
-    stream_one = len(args.prompt) == 1 and not args.no_stream
-    if stream_one:
-        sys.stdout.write(args.prompt[0])
-        sys.stdout.flush()
+    print_generations(
+        model, tokenizer, args.prompt, no_stream=args.no_stream, max_new_tokens=args.max_new_tokens,
+        stop=args.stop, temperature=args.temperature, top_k=args.top_k or None,
+        top_p=args.top_p if args.top_p < 1 else None, seed=args.seed,
+        stop_token_ids=[info["model_config"]["eos_token_id"]],
+    )
+    return 0
+
+
+def print_generations(model: Any, tokenizer: Any, prompts: list[str], no_stream: bool, **kwargs: Any) -> None:
+    """``generate_text`` for the CLI: one prompt streams to the terminal (echoed once generation has
+    started, so a prompt that is rejected prints nothing but the error), several print one block each."""
+    from moekit.inference import generate_text
+
+    one = len(prompts) == 1 and not no_stream
+    echoed = False
 
     def stream(row: int, piece: str) -> None:
+        nonlocal echoed
+        if not echoed:
+            sys.stdout.write(prompts[0])
+            echoed = True
         sys.stdout.write(piece)
         sys.stdout.flush()
 
-    texts = generate_text(
-        model, tokenizer, args.prompt, args.max_new_tokens, stop=args.stop,
-        stream=stream if stream_one else None, temperature=args.temperature,
-        top_k=args.top_k or None, top_p=args.top_p if args.top_p < 1 else None, seed=args.seed,
-        stop_token_ids=[info["model_config"]["eos_token_id"]],
-    )
-    if stream_one:
-        print()
+    texts = generate_text(model, tokenizer, prompts, stream=stream if one else None, **kwargs)
+    if one:
+        print("" if echoed else prompts[0])
     else:
-        for i, (prompt, text) in enumerate(zip(args.prompt, texts)):
+        for i, (prompt, text) in enumerate(zip(prompts, texts)):
             print(f"--- [{i}] ---\n{prompt}{text}")
-    return 0
 
 
 def _add_info(sub: argparse._SubParsersAction) -> None:

@@ -92,8 +92,9 @@ def test_errors_are_clear_and_touch_nothing(run_dir, data_dir, tmp_path, capsys)
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv
-        err = capsys.readouterr().err
+        out, err = capsys.readouterr()
         assert err.startswith("moekit: error:") and message in err, (argv, err)
+        assert out == "", (argv, out)  # e.g. no echo of a prompt that is then rejected
     assert sorted((str(p), p.stat().st_mtime_ns) for p in run_dir.rglob("*")) == before
     assert not (tmp_path / "o").exists()
 

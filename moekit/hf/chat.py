@@ -155,23 +155,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return 0
     if not args.prompt:
         raise ValueError("--prompt is required without --chat")
-    from moekit.inference import generate_text
+    from moekit.cli import print_generations
 
-    one = len(args.prompt) == 1 and not args.no_stream
-    if one:
-        sys.stdout.write(args.prompt[0])
-
-    def stream(_: int, piece: str) -> None:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-
-    texts = generate_text(model, tokenizer.tokenizer, args.prompt, args.max_new_tokens, stop=args.stop,
-                          stream=stream if one else None, stop_token_ids=stop_ids, **sampling)
-    if one:
-        print()
-    else:
-        for i, (prompt, text) in enumerate(zip(args.prompt, texts)):
-            print(f"--- [{i}] ---\n{prompt}{text}")
+    print_generations(model, tokenizer.tokenizer, args.prompt, no_stream=args.no_stream,
+                      max_new_tokens=args.max_new_tokens, stop=args.stop, stop_token_ids=stop_ids, **sampling)
     return 0
 
 
