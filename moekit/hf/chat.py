@@ -37,6 +37,10 @@ def stop_token_ids(root: Path, model: MoEForCausalLM, tokenizer: HFTokenizer) ->
     return sorted({i for i in ids if isinstance(i, int) and 0 <= i < model.config.vocab_size})
 
 
+class ContextFullError(ValueError):
+    """The conversation's tokens fill the model's context: no room for a reply."""
+
+
 def reply(
     model: MoEForCausalLM,
     tokenizer: HFTokenizer,
@@ -56,7 +60,7 @@ def reply(
     assert isinstance(ids, list)
     room = model.config.max_position_embeddings - len(ids)
     if room < 1:
-        raise ValueError(
+        raise ContextFullError(
             f"the conversation has {len(ids)} tokens, the model's context is "
             f"{model.config.max_position_embeddings}; /reset to start over"
         )
@@ -120,7 +124,14 @@ def chat_loop(
             out.write(piece)
             out.flush()
 
-        answer = reply(model, tokenizer, messages, stop_ids=stop_ids, stream=stream, **gen)
+        try:
+            answer = reply(model, tokenizer, messages, stop_ids=stop_ids, stream=stream, **gen)
+        except ContextFullError as error:
+            if not interactive:
+                raise
+            messages.pop()  # the turn that did not fit; the conversation so far is kept
+            out.write(f"({error})\n")
+            continue
         out.write("\n")
         messages.append({"role": "assistant", "content": answer})
     return messages

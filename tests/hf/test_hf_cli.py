@@ -57,6 +57,19 @@ def test_interactive_multi_turn(ckpt):
     assert messages[4]["content"] == _hf_reply(hf, hf_tok, messages[:4])  # the 2nd turn sees the 1st reply
 
 
+def test_interactive_chat_survives_a_full_context(ckpt):
+    path, _, _ = ckpt
+    model, tok = from_pretrained(path), load_tokenizer(path)
+    lines = iter(["Hi", "word " * 400, "Bye", "/exit"])  # the 2nd turn alone is over the 256-token context
+    out = io.StringIO()
+    messages = chat_loop(model, tok, stop_ids=stop_token_ids(path, model, tok), read=lambda: next(lines),
+                         out=out, max_new_tokens=4, temperature=0.0)
+    assert "the model's context is 256; /reset to start over" in out.getvalue()
+    assert [m["content"] for m in messages if m["role"] == "user"] == ["Hi", "Bye"]
+    with pytest.raises(ValueError, match="/reset to start over"):  # non-interactive turns: an error
+        chat_loop(model, tok, stop_ids=[], prompts=["word " * 400], out=io.StringIO(), max_new_tokens=4)
+
+
 def test_plain_generate_and_convert_cli(ckpt, tmp_path, capsys):
     path, hf, hf_tok = ckpt
     assert main(["generate", "--model", str(path), "--prompt", "Hello", "--temperature", "0",
