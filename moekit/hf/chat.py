@@ -132,6 +132,12 @@ def chat_loop(
             messages.pop()  # the turn that did not fit; the conversation so far is kept
             out.write(f"({error})\n")
             continue
+        except KeyboardInterrupt:
+            if not interactive:
+                raise
+            messages.pop()  # Ctrl-C stops this reply only; Ctrl-C at the prompt (or /exit) quits
+            out.write("\n(reply interrupted)\n")
+            continue
         out.write("\n")
         messages.append({"role": "assistant", "content": answer})
     return messages

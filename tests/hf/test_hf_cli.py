@@ -70,6 +70,30 @@ def test_interactive_chat_survives_a_full_context(ckpt):
         chat_loop(model, tok, stop_ids=[], prompts=["word " * 400], out=io.StringIO(), max_new_tokens=4)
 
 
+def test_ctrl_c_stops_one_interactive_reply(ckpt):
+    path, _, _ = ckpt
+    model, tok = from_pretrained(path), load_tokenizer(path)
+    lines = iter(["Hi", "Hello", "/exit"])
+    turns = []
+
+    class Out(io.StringIO):
+        def write(self, text):
+            if len(turns) == 1 and text not in ("> ", "\n> "):  # the first reply's first piece
+                turns.append("interrupted")
+                raise KeyboardInterrupt
+            return super().write(text)
+
+    def read():
+        turns.append("read")
+        return next(lines)
+
+    out = Out()
+    messages = chat_loop(model, tok, stop_ids=stop_token_ids(path, model, tok), read=read, out=out,
+                         max_new_tokens=4, temperature=0.0)
+    assert "(reply interrupted)" in out.getvalue()
+    assert [m["content"] for m in messages if m["role"] == "user"] == ["Hello"]
+
+
 def test_plain_generate_and_convert_cli(ckpt, tmp_path, capsys):
     path, hf, hf_tok = ckpt
     assert main(["generate", "--model", str(path), "--prompt", "Hello", "--temperature", "0",
