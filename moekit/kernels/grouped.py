@@ -3,8 +3,10 @@
 Strategy, picked per call:
 - float32 on a CPU where oneDNN is enabled (:mod:`moekit.kernels.cpu`): each group by oneDNN;
 - ``torch.nn.functional.grouped_mm`` when it exists and accepts the dtype (fp32/bf16/fp16), the
-  device (CUDA: sm80+) and the 16-byte stride/alignment rule: one kernel, no host sync, and each
-  expert's weight is read once, which is what a memory-bound decode step needs. On CPU without
+  device (CUDA: sm80+) and the 16-byte stride/alignment rule. For bf16 on Hopper / Blackwell
+  (sm90, sm100) torch runs one CUTLASS kernel: no host sync, each expert's weight read once, which
+  is what a memory-bound decode step needs; other dtypes and GPUs get torch's fallback, a loop of
+  matmuls after a host read of the offsets (as of torch 2.10). On CPU without
   autograd only from ``CPU_GROUPED_MM_MIN_ROWS`` rows: torch's CPU kernel loops over every expert,
   empty ones included, so the loop below wins for a few rows;
 - on a GPU where grouped_mm cannot run, a few rows (``S <= GATHER_MAX_ROWS``): gather each row's
