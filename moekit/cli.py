@@ -213,6 +213,7 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--step", type=int, default=None, help="checkpoint step of a run (default: the newest)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_analyze)
 
 
@@ -221,7 +222,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
     run_analysis(args.source, data=args.data, out_dir=args.out, max_tokens=args.max_tokens,
                  layers=layer_arg(args.layers), seq_len=args.seq_len, batch_size=args.batch_size,
-                 device=args.device, step=args.step)
+                 device=args.device, step=args.step, show_progress=not args.no_progress)
     return 0
 
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 from torch import nn
+from tqdm.auto import tqdm
 
 from moekit.analysis.data import TokenWindows, encode_windows
 from moekit.analysis.metrics import layer_metrics, overall_metrics
@@ -86,6 +87,7 @@ def analyze_model(
     device: str | torch.device = "cpu",
     top_k_tokens: int = 10,
     sample_tokens: int = 512,
+    show_progress: bool = False,
 ) -> Analysis:
     """Run ``model`` over ``windows`` and compute the full :class:`Analysis`.
 
@@ -94,6 +96,7 @@ def analyze_model(
         tokenizer: decodes token ids for the per-expert token tables.
         windows: from :func:`data.encode_windows`.
         layers: decoder layer indices / module names shown in detail (default: first, middle, last).
+        show_progress: a progress bar over the windows (tqdm, on stderr).
     Raises:
         ValueError: the model has no MoE layer, or ``layers`` names a layer that is not one.
     """
@@ -109,8 +112,11 @@ def analyze_model(
     model.eval()
     nll = count = 0.0
     try:
-        with torch.inference_mode(), recorder:
-            for start in range(0, windows.ids_NS.shape[0], batch_size):
+        num_windows = windows.ids_NS.shape[0]
+        bar = tqdm(total=num_windows, disable=not show_progress, unit="window", dynamic_ncols=True,
+                   desc="analyze", leave=False)
+        with torch.inference_mode(), recorder, bar:
+            for start in range(0, num_windows, batch_size):
                 ids = torch.from_numpy(windows.ids_NS[start:start + batch_size])
                 recorder.set_inputs(ids, windows.categories_NS[start:start + batch_size])
                 out = model(ids.to(device))
@@ -120,6 +126,7 @@ def analyze_model(
                     nll += float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target.flatten(),
                                                  reduction="sum"))
                     count += target.numel()
+                bar.update(ids.shape[0])
     finally:
         model.train(was_training)
     missing = [n for n in names if n not in recorder.records]
@@ -244,10 +251,12 @@ def run_analysis(
     device: str = "cpu",
     step: int | None = None,
     log: Callable[[str], None] = print,
+    show_progress: bool = False,
 ) -> tuple[Analysis, Path]:
     """Analyse the routing of ``source`` (run dir or checkpoint) and write the report to ``out_dir``
     (default: ``SOURCE/analysis`` for a run, ``./analysis-<checkpoint name>`` for a checkpoint, whose
-    directory may be a read-only cache). Returns ``(analysis, path of report.html)``."""
+    directory may be a read-only cache); ``show_progress``: a progress bar over the model's passes.
+    Returns ``(analysis, path of report.html)``."""
     from moekit.analysis.report import text_summary, write_report
 
     if not isinstance(max_tokens, int) or max_tokens < 2:
@@ -267,7 +276,8 @@ def run_analysis(
                              max_doc_tokens="balanced")
     log(f"analyzing {windows.num_tokens:,} tokens ({windows.ids_NS.shape[0]} windows of {seq_len}) "
         f"from {data_desc}")
-    analysis = analyze_model(model, tokenizer, windows, layers=layers, batch_size=batch_size, device=device)
+    analysis = analyze_model(model, tokenizer, windows, layers=layers, batch_size=batch_size, device=device,
+                             show_progress=show_progress)
     analysis.info.update(source=str(source), data=data_desc, kind=info["kind"], step=info.get("step"))
     if info["kind"] == "run":
         analysis.training_curves = read_metrics(source)

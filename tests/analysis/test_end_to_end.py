@@ -52,7 +52,8 @@ def test_cli_analyze_default_data(tiny_run, capsys):
     rc = main(["analyze", str(tiny_run / "run"), "--out", str(out), "--max-tokens", "512",
                "--layers", "0", "2"])
     assert rc == 0
-    printed = capsys.readouterr().out
+    printed, err = capsys.readouterr()
+    assert "window" in err  # the progress bar over the model's passes
     assert "routing summary" in printed and "validation split" in printed and "report.html" in printed
     parser = check_report(out / "report.html")
     assert len(parser.images) == 6  # training curves from the run's metrics.jsonl included
@@ -85,7 +86,8 @@ def test_analyze_hf_checkpoint_needs_data(tiny_run, capsys):
     assert "pass --data" in capsys.readouterr().err
     out = tiny_run / "report_hf"
     assert main(["analyze", str(ckpt), "--data", str(tiny_run / "data"), "--out", str(out),
-                 "--max-tokens", "256", "--seq-len", "32"]) == 0
+                 "--max-tokens", "256", "--seq-len", "32", "--no-progress"]) == 0
+    assert "window" not in capsys.readouterr().err
     parser = check_report(out / "report.html")
     assert "No training metrics" in "".join(parser.text)
     saved = json.loads((out / "metrics.json").read_text())
