@@ -168,13 +168,14 @@ def analyze_model(
 
 
 def load_model(
-    path: str | os.PathLike, device: str = "cpu", step: int | None = None
+    path: str | os.PathLike, device: str = "cpu", step: int | None = None, show_progress: bool | None = None
 ) -> tuple[nn.Module, Tokenizer, dict[str, Any]]:
     """A moekit run directory (``run.json``) or a checkpoint directory (HF ``config.json`` or Mistral
     ``params.json``, loaded by :func:`moekit.from_pretrained` with its ``tokenizer.json``).
 
     ``step`` picks a run's checkpoint (default: the newest). Returns ``(model, tokenizer, info)``;
-    ``info["kind"]`` is ``"run"`` or ``"checkpoint"``.
+    ``info["kind"]`` is ``"run"`` or ``"checkpoint"``. ``show_progress``: a checkpoint's loading bar
+    (``None``: when stderr is a terminal).
     """
     p = Path(path)
     if not p.is_dir():
@@ -190,7 +191,7 @@ def load_model(
             raise ValueError(f"--step applies to moekit runs; {p} is a checkpoint directory")
         from moekit.hf import from_pretrained, load_tokenizer
 
-        model = from_pretrained(p, device=device)
+        model = from_pretrained(p, device=device, show_progress=show_progress)
         tok = load_tokenizer(p)
         return model, tok.tokenizer, {"kind": "checkpoint", "path": str(p), "eos_token_id": tok.eos_token_id}
     raise ValueError(
@@ -261,7 +262,7 @@ def run_analysis(
 
     if not isinstance(max_tokens, int) or max_tokens < 2:
         raise ValueError(f"max_tokens must be an int >= 2, got {max_tokens!r}")
-    model, tokenizer, info = load_model(source, device=device, step=step)
+    model, tokenizer, info = load_model(source, device=device, step=step, show_progress=show_progress)
     texts, data_desc = load_texts(data, info, max_chars=max_tokens * 16)
     context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if seq_len is None:

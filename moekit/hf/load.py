@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from moekit.hf import config_map, keymap
 from moekit.hf.checkpoint import (
@@ -159,14 +160,16 @@ def _default_dtype(raw: dict[str, Any], infos: dict[str, TensorInfo]) -> torch.d
 
 
 def open_checkpoint(
-    root: Path, dtype: torch.dtype | None = None, device: torch.device | str = "cpu", mmap: bool = True
+    root: Path, dtype: torch.dtype | None = None, device: torch.device | str = "cpu", mmap: bool = True,
+    show_progress: bool | None = None, desc: str = "loading",
 ) -> tuple[ModelConfig, torch.dtype, Iterator[tuple[str, torch.Tensor]]]:
     """Validate checkpoint directory ``root`` against its config, then stream its tensors.
 
     Returns ``(config, dtype, tensors)``: every name and shape has been checked before this returns;
     ``tensors`` yields ``(moekit name, tensor)`` one at a time in ``dtype`` (``None``: the checkpoint's)
     on ``device``, so a consumer that writes them out never holds the whole model. ``mmap=False``
-    reads every tensor into fresh memory (see :func:`moekit.hf.keymap.build`).
+    reads every tensor into fresh memory (see :func:`moekit.hf.keymap.build`). ``show_progress``: a
+    progress bar (tqdm, on stderr) over the tensors, labelled ``desc``; ``None``: when stderr is a terminal.
     """
     cfg, layout, raw = read_config(root)
     infos = find_tensors(root, layout)
@@ -178,10 +181,14 @@ def open_checkpoint(
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
         reader = TensorReader(infos)
+        bar = tqdm(total=len(plan), desc=desc, unit="tensor", dynamic_ncols=True, leave=False,
+                   disable=None if show_progress is None else not show_progress)
         try:
             for name, src in plan.items():
                 yield name, keymap.build(src, reader, dtype, device, mmap=mmap)
+                bar.update()
         finally:
+            bar.close()
             reader.close()
 
     return cfg, dtype, tensors()
@@ -193,6 +200,7 @@ def from_pretrained(
     device: torch.device | str = "cpu",
     *,
     revision: str | None = None,
+    show_progress: bool | None = None,
 ) -> MoEForCausalLM:
     """Load a Mixtral / Qwen2-MoE / OLMoE (HF) or Mixtral (Mistral layout) checkpoint.
 
@@ -203,6 +211,7 @@ def from_pretrained(
         dtype: ``None`` / ``"auto"`` keeps the checkpoint's dtype; else a float dtype or its name.
         device: where the parameters live (``"cpu"``, ``"cuda"``, ...).
         revision: hub revision (only for hub ids).
+        show_progress: a progress bar over the tensors read; ``None``: when stderr is a terminal.
 
     Returns:
         ``MoEForCausalLM`` in eval mode; its ``.config`` is the mapped ``ModelConfig``. The tokenizer
@@ -214,7 +223,8 @@ def from_pretrained(
         a tensor whose shape disagrees with the config. Nothing is returned half-loaded.
     """
     root = resolve_path(path, revision=revision)
-    cfg, _, tensors = open_checkpoint(root, parse_dtype(dtype), torch.device(device))
+    cfg, _, tensors = open_checkpoint(root, parse_dtype(dtype), torch.device(device),
+                                      show_progress=show_progress)
     with torch.device("meta"), _no_init():
         model = MoEForCausalLM(cfg)
     state = dict(tensors)

@@ -167,6 +167,7 @@ def convert(
     max_shard_size: int | str | None = None,
     dtype: torch.dtype | str | None = None,
     model_type: str | None = None,
+    show_progress: bool | None = None,
 ) -> Path:
     """Convert checkpoint ``src`` to ``dst`` in layout ``to`` (``"hf"`` or ``"mistral"``).
 
@@ -174,6 +175,7 @@ def convert(
     ``moekit train`` run directory (its newest checkpoint; its tokenizer is written as tokenizer.json).
     A checkpoint is validated first, then streamed: each tensor (one layer's stacked experts at most) is
     read, renamed / permuted and written out one shard at a time, so RAM never holds the model.
+    ``show_progress``: a progress bar over the tensors; ``None``: when stderr is a terminal.
     """
     from moekit.hf.resolve import resolve_path
 
@@ -197,7 +199,8 @@ def convert(
         state, out_dtype = _state(model, cast)
         cfg, items = model.config, _cast(state.items(), cast)
     else:  # stream: one tensor (one layer's stacked experts at most) in memory at a time
-        cfg, out_dtype, items = open_checkpoint(src_dir, parse_dtype(dtype), mmap=False)
+        cfg, out_dtype, items = open_checkpoint(src_dir, parse_dtype(dtype), mmap=False,
+                                                show_progress=show_progress, desc="converting")
     if to == "hf":
         _write_hf(cfg, items, dst_dir, out_dtype, max_shard_size=max_shard_size or "5GB",
                   model_type=model_type, tokenizer=tokenizer)

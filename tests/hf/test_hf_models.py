@@ -147,3 +147,12 @@ def test_mixtral_head_dim_and_sliding_window(tmp_path):
     model = from_pretrained(tmp_path)
     assert model.config.head_dim == 16 and model.config.sliding_window == 5
     _compare(model, hf)
+
+
+def test_loading_progress_bar(tmp_path, capsys):
+    tiny_hf("mixtral").save_pretrained(tmp_path)
+    capsys.readouterr()
+    from_pretrained(tmp_path)  # stderr is not a terminal here: no bar by default
+    assert capsys.readouterr().err == ""
+    from_pretrained(tmp_path, show_progress=True)
+    assert "loading" in capsys.readouterr().err
