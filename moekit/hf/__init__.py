@@ -7,7 +7,8 @@ Public API::
     model.save_pretrained("out", max_shard_size="5GB")                           # transformers-loadable
     moekit.hf.convert("src", "dst", to="hf" | "mistral")
 
-Supported: ``model_type`` mixtral (v4 per-expert and v5 stacked layouts), qwen2_moe, olmoe; Mistral's
+Supported: ``model_type`` mixtral (v4 per-expert and v5 stacked layouts), qwen2_moe, qwen3_moe,
+olmoe; Mistral's
 ``params.json`` + ``consolidated*.safetensors``. Safetensors only: pickle checkpoints are refused.
 """
 

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
+from moekit.hf.config_map import MODEL_TYPES
 from moekit.hf.load import from_pretrained
 from moekit.hf.resolve import resolve_path
 from moekit.hf.tokenizer import HFTokenizer, load_tokenizer
@@ -187,7 +188,7 @@ def add_convert_parser(sub: Any) -> None:
     p.add_argument("--to", choices=("hf", "mistral"), default="hf", help="output layout")
     p.add_argument("--max-shard-size", default=None, help="e.g. 5GB (hf default) or 500MB")
     p.add_argument("--dtype", default=None, help="cast weights, e.g. bfloat16 (default: keep)")
-    p.add_argument("--model-type", default=None, choices=("mixtral", "qwen2_moe", "olmoe"),
+    p.add_argument("--model-type", default=None, choices=MODEL_TYPES,
                    help="HF model_type to write (default: the one matching the config)")
     p.set_defaults(func=cmd_convert)
 

@@ -8,7 +8,9 @@ keyword arguments of :class:`moekit.models.ModelConfig`; ``*_from_config`` read 
 - ``qwen2_moe``: q/k/v bias (``qkv_bias``), a shared expert scaled by ``sigmoid(x @ w)``, layer ``i``
   is MoE iff ``i not in mlp_only_layers and (i + 1) % decoder_sparse_step == 0``, else a dense MLP
   of width ``intermediate_size``; experts have width ``moe_intermediate_size``.
-- ``olmoe``: RMSNorm over the full q_proj / k_proj outputs (``qk_norm``), experts of width
+- ``qwen3_moe``: Qwen2-MoE's layer rule, widths and router without the shared expert and the q/k/v
+  bias; RMSNorm over each head of q and k (``qk_norm="head"``, one ``(head_dim,)`` weight each).
+- ``olmoe``: RMSNorm over the full q_proj / k_proj outputs (``qk_norm="full"``), experts of width
   ``intermediate_size``, ``norm_topk_prob`` from the config (False for the released models).
 """
 
@@ -16,18 +18,33 @@ from __future__ import annotations
 
 from typing import Any
 
-MODEL_TYPES = ("mixtral", "qwen2_moe", "olmoe")
+MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 ARCHITECTURES = {
-    "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "olmoe": "OlmoeForCausalLM"
+    "mixtral": "MixtralForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "olmoe": "OlmoeForCausalLM",
 }
 # rope_theta transformers uses when a config.json names none (MixtralConfig.default_theta; others 10000).
-_DEFAULT_THETA = {"mixtral": 1e6, "qwen2_moe": 10000.0, "olmoe": 10000.0}
+_DEFAULT_THETA = {"mixtral": 1e6, "qwen2_moe": 10000.0, "qwen3_moe": 10000.0, "olmoe": 10000.0}
 
 
 def _require(hf: dict[str, Any], key: str, source: str) -> Any:
     if key not in hf or hf[key] is None:
         raise ValueError(f"{source}: required key {key!r} is missing")
     return hf[key]
+
+
+def _num_experts(hf: dict[str, Any], model_type: str, source: str) -> int:
+    """The routed-expert count: mixtral names it ``num_local_experts``, the others ``num_experts``; either
+    is read, since transformers 5 writes ``num_local_experts`` for qwen3_moe (its attribute_map)."""
+    keys = ("num_experts", "num_local_experts")
+    if model_type == "mixtral":
+        keys = keys[::-1]
+    for key in keys:
+        if hf.get(key) is not None:
+            return int(hf[key])
+    raise ValueError(f"{source}: required key {keys[0]!r} is missing")
 
 
 def _rope_theta(hf: dict[str, Any], model_type: str, source: str) -> float:
@@ -90,7 +107,7 @@ def hf_to_kwargs(hf: dict[str, Any], source: str = "config.json") -> dict[str, A
         "rms_norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
         "sliding_window": None,
         "attention_bias": False,
-        "qk_norm": False,
+        "qk_norm": None,
         "tie_word_embeddings": bool(hf.get("tie_word_embeddings", False)),
         "top_k": int(_require(hf, "num_experts_per_tok", source)),
         "router": "topk",
@@ -109,29 +126,38 @@ def hf_to_kwargs(hf: dict[str, Any], source: str = "config.json") -> dict[str, A
     if model_type == "mixtral":
         f = int(_require(hf, "intermediate_size", source))
         kw.update(
-            num_experts=int(_require(hf, "num_local_experts", source)),
+            num_experts=_num_experts(hf, model_type, source),
             intermediate_size=f,
             moe_intermediate_size=f,
             norm_topk_prob=True,
             sliding_window=hf.get("sliding_window"),
         )
-    elif model_type == "qwen2_moe":
+    elif model_type in ("qwen2_moe", "qwen3_moe"):
         if hf.get("use_sliding_window"):
             raise ValueError(
                 f"{source}: use_sliding_window=true (per-layer sliding attention) is not supported"
             )
-        shared = int(hf.get("shared_expert_intermediate_size", 0))
         kw.update(
-            num_experts=int(_require(hf, "num_experts", source)),
+            num_experts=_num_experts(hf, model_type, source),
             intermediate_size=int(_require(hf, "intermediate_size", source)),
             moe_intermediate_size=int(_require(hf, "moe_intermediate_size", source)),
             norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
-            attention_bias=bool(hf.get("qkv_bias", True)),
-            shared_expert_intermediate_size=shared,
-            shared_expert_gate=shared > 0,
             decoder_sparse_step=int(hf.get("decoder_sparse_step", 1)),
             mlp_only_layers=tuple(sorted(int(i) for i in hf.get("mlp_only_layers") or ())),
         )
+        if model_type == "qwen2_moe":
+            shared = int(hf.get("shared_expert_intermediate_size", 0))
+            kw.update(
+                attention_bias=bool(hf.get("qkv_bias", True)),
+                shared_expert_intermediate_size=shared,
+                shared_expert_gate=shared > 0,
+            )
+        else:
+            if hf.get("attention_bias"):
+                raise ValueError(
+                    f"{source}: attention_bias=true is not supported for qwen3_moe (its o_proj has a bias)"
+                )
+            kw.update(qk_norm="head")
     else:  # olmoe
         if hf.get("clip_qkv") is not None:
             raise ValueError(f"{source}: clip_qkv={hf['clip_qkv']!r} is not supported (only null)")
@@ -143,20 +169,22 @@ def hf_to_kwargs(hf: dict[str, Any], source: str = "config.json") -> dict[str, A
             raise ValueError(f"{source}: olmoe needs head_dim * num_attention_heads == hidden_size")
         f = int(_require(hf, "intermediate_size", source))
         kw.update(
-            num_experts=int(_require(hf, "num_experts", source)),
+            num_experts=_num_experts(hf, model_type, source),
             intermediate_size=f,
             moe_intermediate_size=f,
             norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
-            qk_norm=True,
+            qk_norm="full",
         )
     return kw
 
 
 def pick_model_type(cfg: Any) -> str:
-    """The HF ``model_type`` that reproduces ``cfg``'s math: olmoe (q/k norm), qwen2_moe (bias, shared
-    expert, dense layers or unnormalised top-k) or mixtral."""
-    if cfg.qk_norm:
+    """The HF ``model_type`` that reproduces ``cfg``'s math: olmoe (full q/k norm), qwen3_moe (per-head
+    q/k norm), qwen2_moe (bias, shared expert, dense layers or unnormalised top-k) or mixtral."""
+    if cfg.qk_norm == "full":
         return "olmoe"
+    if cfg.qk_norm == "head":
+        return "qwen3_moe"
     dense = any(not cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
     if cfg.attention_bias or cfg.shared_expert_intermediate_size or dense or not cfg.norm_topk_prob:
         return "qwen2_moe"
@@ -181,12 +209,21 @@ def _check_exportable(cfg: Any, model_type: str) -> None:
             problems.append("distinct dense and expert widths")
     elif model_type == "qwen2_moe":
         if cfg.qk_norm:
-            problems.append("qk_norm=True (not in qwen2_moe)")
+            problems.append(f"qk_norm={cfg.qk_norm!r} (not in qwen2_moe)")
         if cfg.shared_expert_intermediate_size and not cfg.shared_expert_gate:
             problems.append("a shared expert without its sigmoid gate (qwen2_moe always gates it)")
         if cfg.sliding_window is not None:
             problems.append("sliding_window (qwen2_moe's per-layer window is not mapped)")
+    elif model_type == "qwen3_moe":
+        if cfg.qk_norm != "head":
+            problems.append(f"qk_norm={cfg.qk_norm!r} (qwen3_moe always normalises q and k per head)")
+        if cfg.attention_bias or cfg.shared_expert_intermediate_size:
+            problems.append("attention bias or shared expert (not in qwen3_moe)")
+        if cfg.sliding_window is not None:
+            problems.append("sliding_window (qwen3_moe's window is not mapped)")
     elif model_type == "olmoe":
+        if cfg.qk_norm != "full":
+            problems.append(f"qk_norm={cfg.qk_norm!r} (olmoe always normalises the full q and k)")
         if cfg.attention_bias or cfg.shared_expert_intermediate_size or dense:
             problems.append("attention bias, shared expert or dense layers (not in olmoe)")
         if cfg.head_dim * cfg.num_attention_heads != cfg.hidden_size:
@@ -235,7 +272,7 @@ def hf_from_config(cfg: Any, model_type: str | None = None, dtype: str = "float3
             sliding_window=cfg.sliding_window,
             router_jitter_noise=cfg.router_jitter_noise,
         )
-    elif model_type == "qwen2_moe":
+    elif model_type in ("qwen2_moe", "qwen3_moe"):
         mlp_only = sorted(
             i for i in range(cfg.num_hidden_layers)
             if not cfg.is_moe_layer(i) and (i + 1) % cfg.decoder_sparse_step == 0
@@ -244,14 +281,19 @@ def hf_from_config(cfg: Any, model_type: str | None = None, dtype: str = "float3
             num_experts=cfg.num_experts,
             intermediate_size=cfg.intermediate_size,
             moe_intermediate_size=cfg.moe_intermediate_size,
-            shared_expert_intermediate_size=cfg.shared_expert_intermediate_size,
             norm_topk_prob=cfg.norm_topk_prob,
-            qkv_bias=cfg.attention_bias,
             decoder_sparse_step=cfg.decoder_sparse_step,
             mlp_only_layers=mlp_only,
             use_sliding_window=False,
             head_dim=cfg.head_dim,
         )
+        if model_type == "qwen2_moe":
+            hf.update(
+                shared_expert_intermediate_size=cfg.shared_expert_intermediate_size,
+                qkv_bias=cfg.attention_bias,
+            )
+        else:
+            hf.update(attention_bias=False, sliding_window=None)
     else:
         hf.update(
             num_experts=cfg.num_experts,
@@ -291,7 +333,7 @@ def mistral_to_kwargs(params: dict[str, Any], source: str = "params.json") -> di
         "rms_norm_eps": float(params["norm_eps"]),
         "sliding_window": params.get("sliding_window"),
         "attention_bias": False,
-        "qk_norm": False,
+        "qk_norm": None,
         "tie_word_embeddings": False,
         "intermediate_size": int(params["hidden_dim"]),
         "moe_intermediate_size": int(params["hidden_dim"]),

@@ -1,4 +1,5 @@
-"""``from_pretrained``: an HF (Mixtral / Qwen2-MoE / OLMoE) or Mistral checkpoint -> ``MoEForCausalLM``.
+"""``from_pretrained``: an HF (Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE) or Mistral checkpoint ->
+``MoEForCausalLM``.
 
 Memory: the model is built on the meta device (no storage), every checkpoint header is validated
 against the model (names, shapes) before any tensor is read, then each tensor is taken straight from
@@ -202,7 +203,7 @@ def from_pretrained(
     revision: str | None = None,
     show_progress: bool | None = None,
 ) -> MoEForCausalLM:
-    """Load a Mixtral / Qwen2-MoE / OLMoE (HF) or Mixtral (Mistral layout) checkpoint.
+    """Load a Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE (HF) or Mixtral (Mistral layout) checkpoint.
 
     Args:
         path: a directory with ``config.json`` + ``model.safetensors`` (or the shards and

@@ -1,8 +1,9 @@
 """Write a ``MoEForCausalLM`` as an HF checkpoint directory or in Mistral's layout, and convert between them.
 
 HF output is what transformers itself writes: ``config.json`` (``model_type`` mixtral / qwen2_moe /
-olmoe), per-expert tensor names, ``model.safetensors`` or ``model-0000k-of-0000n.safetensors`` shards
-with ``model.safetensors.index.json`` above ``max_shard_size``. Expert tensors are written as views
+qwen3_moe / olmoe), per-expert tensor names, ``model.safetensors`` or
+``model-0000k-of-0000n.safetensors`` shards with ``model.safetensors.index.json`` above
+``max_shard_size``. Expert tensors are written as views
 of the stacked parameters, one shard at a time, so saving needs no second copy of the model.
 """
 
@@ -79,8 +80,8 @@ def save_pretrained(
         save_directory: created if needed; an earlier save's shards there are replaced.
         max_shard_size: bytes per shard (int or ``"5GB"`` / ``"500MB"``); one ``model.safetensors``
             when everything fits.
-        model_type: ``"mixtral"``, ``"qwen2_moe"`` or ``"olmoe"``; ``None`` picks the one whose math
-            matches the config (ValueError when none does, e.g. an expert-choice router).
+        model_type: ``"mixtral"``, ``"qwen2_moe"``, ``"qwen3_moe"`` or ``"olmoe"``; ``None`` picks the
+            one whose math matches the config (ValueError when none does, e.g. an expert-choice router).
         dtype: cast floating tensors to this dtype while writing (default: keep).
         tokenizer: also write its ``tokenizer.json`` / ``tokenizer_config.json``.
 

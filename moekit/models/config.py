@@ -1,6 +1,6 @@
 """ModelConfig: the frozen dataclass of a decoder-only MoE language model, and its presets.
 
-Field names follow Hugging Face configs (Mixtral / Qwen2-MoE / OLMoE), so a ``config.json`` maps
+Field names follow Hugging Face configs (Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE), so a ``config.json`` maps
 onto it field by field. ``PRESETS`` holds the named configurations; ``get_preset`` builds one with
 overrides.
 """
@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from moekit.core.config import BACKENDS, ROUTERS, MoEConfig
+
+QK_NORMS = (None, "full", "head")
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
@@ -44,7 +46,9 @@ class ModelConfig:
         sliding_window: attend only to the last ``sliding_window`` positions (self included);
             ``None`` = full causal attention.
         attention_bias: bias on q/k/v projections (Qwen2-MoE).
-        qk_norm: RMSNorm on the full q_proj / k_proj outputs (OLMoE).
+        qk_norm: RMSNorm on the queries and keys before RoPE: ``None`` (off), ``"full"`` over the
+            whole q_proj / k_proj outputs (OLMoE; ``True`` means this) or ``"head"`` over each head's
+            ``head_dim`` values with one weight shared by the heads (Qwen3-MoE).
         tie_word_embeddings: the output head shares the embedding matrix.
         intermediate_size: width of the dense SwiGLU FFN of non-MoE layers.
         moe_intermediate_size: width of each routed expert.
@@ -72,7 +76,7 @@ class ModelConfig:
     rms_norm_eps: float = 1e-5
     sliding_window: int | None = None
     attention_bias: bool = False
-    qk_norm: bool = False
+    qk_norm: str | None = None
     tie_word_embeddings: bool = False
     intermediate_size: int
     moe_intermediate_size: int | None = None
@@ -109,6 +113,10 @@ class ModelConfig:
             _check_int(name, getattr(self, name), 1)
         for name in ("num_experts", "first_k_dense_replace", "shared_expert_intermediate_size"):
             _check_int(name, getattr(self, name), 0)
+        if isinstance(self.qk_norm, bool):  # the boolean form (and run.json files before "head" existed)
+            object.__setattr__(self, "qk_norm", "full" if self.qk_norm else None)
+        if self.qk_norm not in QK_NORMS:
+            raise ValueError(f"ModelConfig.qk_norm must be one of {QK_NORMS}, got {self.qk_norm!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"ModelConfig.num_attention_heads ({self.num_attention_heads}) must be a multiple of "

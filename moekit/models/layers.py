@@ -97,7 +97,11 @@ def additive_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 class Attention(nn.Module):
-    """Grouped-query causal self-attention with RoPE, optional q/k/v bias and OLMoE qk-norm."""
+    """Grouped-query causal self-attention with RoPE, optional q/k/v bias and qk-norm.
+
+    ``qk_norm="full"`` (OLMoE) normalises the whole ``(H * hd)`` query / ``(KV * hd)`` key vectors,
+    ``"head"`` (Qwen3-MoE) each head's ``hd`` values with a ``(hd,)`` weight; both before RoPE.
+    """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -112,11 +116,13 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, self.num_kv_heads * hd, bias=config.attention_bias)
         self.v_proj = nn.Linear(d, self.num_kv_heads * hd, bias=config.attention_bias)
         self.o_proj = nn.Linear(self.num_heads * hd, d, bias=False)
-        if config.qk_norm:
-            self.q_norm = RMSNorm(self.num_heads * hd, config.rms_norm_eps)
-            self.k_norm = RMSNorm(self.num_kv_heads * hd, config.rms_norm_eps)
-        else:
+        self.qk_norm = config.qk_norm
+        if config.qk_norm is None:
             self.q_norm = self.k_norm = None
+        else:
+            per_head = config.qk_norm == "head"
+            self.q_norm = RMSNorm(hd if per_head else self.num_heads * hd, config.rms_norm_eps)
+            self.k_norm = RMSNorm(hd if per_head else self.num_kv_heads * hd, config.rms_norm_eps)
 
     def forward(
         self,
@@ -144,10 +150,12 @@ class Attention(nn.Module):
         q = linear(x_BSD, self.q_proj.weight, self.q_proj.bias)
         k = linear(x_BSD, self.k_proj.weight, self.k_proj.bias)
         v = linear(x_BSD, self.v_proj.weight, self.v_proj.bias)
-        if self.q_norm is not None:
+        if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q.view(B, S, H, hd), cos, sin)
-        k = apply_rope(k.view(B, S, KV, hd), cos, sin)
+        q, k = q.view(B, S, H, hd), k.view(B, S, KV, hd)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv is not None and S == 1:
             # Decode step: with one position, (B, 1, N, hd) and (B, N, 1, hd) share their memory
             # layout, so no transposes; the H query heads of a group become `group` queries of

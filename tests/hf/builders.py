@@ -8,7 +8,7 @@ TOKENS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 
 
 def tiny_hf(kind: str, seed: int = 0, **overrides):
-    """A random MixtralForCausalLM / Qwen2MoeForCausalLM / OlmoeForCausalLM in eval mode.
+    """A random Mixtral / Qwen2Moe / Qwen3Moe / OlmoeForCausalLM in eval mode.
 
     Weights are widened (std 0.1) and norms / biases perturbed so routing, attention and every
     RMSNorm weight matter; eos/bos are None so greedy generation runs its full length.
@@ -25,6 +25,10 @@ def tiny_hf(kind: str, seed: int = 0, **overrides):
         cls, specific = transformers.Qwen2MoeForCausalLM, dict(
             num_hidden_layers=3, intermediate_size=48, moe_intermediate_size=24,
             shared_expert_intermediate_size=36, num_experts=6, num_experts_per_tok=2, mlp_only_layers=[1])
+    elif kind == "qwen3_moe":  # head_dim 12 != hidden / heads, as in the released Qwen3-MoE models
+        cls, specific = transformers.Qwen3MoeForCausalLM, dict(
+            num_hidden_layers=3, head_dim=12, intermediate_size=48, moe_intermediate_size=20, num_experts=6,
+            num_experts_per_tok=3, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[0])
     elif kind == "olmoe":
         cls, specific = transformers.OlmoeForCausalLM, dict(intermediate_size=24, num_experts=8,
                                                            num_experts_per_tok=4)

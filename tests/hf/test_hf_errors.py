@@ -145,6 +145,15 @@ def test_pure_config_maps_name_the_problem():
         hf_to_kwargs({**base, "use_sliding_window": True})
     with pytest.raises(ValueError, match="clip_qkv"):
         hf_to_kwargs({**base, "model_type": "olmoe", "clip_qkv": 8.0})
+    qwen3 = {**base, "model_type": "qwen3_moe"}
+    with pytest.raises(ValueError, match="use_sliding_window=true"):
+        hf_to_kwargs({**qwen3, "use_sliding_window": True})
+    with pytest.raises(ValueError, match="attention_bias=true is not supported for qwen3_moe"):
+        hf_to_kwargs({**qwen3, "attention_bias": True})
+    del qwen3["num_experts"]
+    with pytest.raises(ValueError, match="required key 'num_experts' is missing"):
+        hf_to_kwargs(qwen3)
+    assert hf_to_kwargs({**qwen3, "num_local_experts": 3})["num_experts"] == 3  # what transformers 5 writes
     assert hf_to_kwargs({**base, "rope_theta": 5e5, "eos_token_id": [7, 3]})["rope_theta"] == 5e5
     assert hf_to_kwargs({**base, "eos_token_id": [7, 3]})["eos_token_id"] == 7
     assert parse_size("20KB") == 20_000 and parse_size("1GiB") == 2**30

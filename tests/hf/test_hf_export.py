@@ -23,6 +23,9 @@ BASE = dict(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_he
     (dict(attention_bias=True, shared_expert_intermediate_size=16, shared_expert_gate=True,
           decoder_sparse_step=2, tie_word_embeddings=True), "qwen2_moe"),
     (dict(qk_norm=True, norm_topk_prob=False, moe_intermediate_size=40), "olmoe"),
+    (dict(qk_norm="head", head_dim=6, first_k_dense_replace=1, decoder_sparse_step=1), "qwen3_moe"),
+    (dict(qk_norm="head", norm_topk_prob=False, decoder_sparse_step=2, tie_word_embeddings=True),
+     "qwen3_moe"),
 ])
 def test_export_picks_the_matching_model_type(tmp_path, changes, model_type):
     torch.manual_seed(0)
@@ -44,6 +47,7 @@ def test_unexportable_configs_name_the_reason(tmp_path):
     for changes, pattern in [
         (dict(router="expert_choice"), "router='expert_choice'"),
         (dict(qk_norm=True, attention_bias=True), "attention bias, shared expert or dense layers"),
+        (dict(qk_norm="head", attention_bias=True), "'qwen3_moe'.*attention bias or shared expert"),
     ]:
         model = MoEForCausalLM(ModelConfig(**{**BASE, **changes}))
         with pytest.raises(ValueError, match=pattern):
@@ -51,6 +55,10 @@ def test_unexportable_configs_name_the_reason(tmp_path):
     model = MoEForCausalLM(ModelConfig(**{**BASE, "norm_topk_prob": False}))
     with pytest.raises(ValueError, match="cannot be written as HF 'mixtral'.*norm_topk_prob=False"):
         model.save_pretrained(tmp_path, model_type="mixtral")
+    for model_type in ("olmoe", "qwen3_moe"):  # both normalise q and k; this model does not
+        pattern = f"qk_norm=None .{model_type} always"
+        with pytest.raises(ValueError, match=pattern):
+            model.save_pretrained(tmp_path, model_type=model_type)
     with pytest.raises(ValueError, match="model_type must be one of"):
         model.save_pretrained(tmp_path, model_type="llama")
 

@@ -38,7 +38,7 @@ shapes = st.tuples(st.integers(1, 3), st.integers(1, 5), st.integers(1, 6), st.i
 
 
 @settings(max_examples=25, deadline=None)
-@given(shapes, st.sampled_from(["mixtral", "qwen2_moe", "olmoe"]))
+@given(shapes, st.sampled_from(["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]))
 def test_per_expert_layout_round_trips(s, model_type):
     state = moekit_state(*s)
     disk = dict(hf_from_state(state, model_type))

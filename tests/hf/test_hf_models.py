@@ -1,6 +1,6 @@
 """Real HF checkpoints: transformers writes them, moekit loads them and gives the same numbers.
 
-Peers: transformers' MixtralForCausalLM, Qwen2MoeForCausalLM and OlmoeForCausalLM (test dependency only).
+Peers: transformers' Mixtral, Qwen2Moe, Qwen3Moe and OlmoeForCausalLM (test dependency only).
 """
 
 import json
@@ -16,7 +16,7 @@ from moekit.inference import generate
 from .builders import tiny_hf
 
 transformers = pytest.importorskip("transformers")
-KINDS = ["mixtral", "qwen2_moe", "olmoe"]
+KINDS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
 IDS = torch.randint(0, 96, (2, 13), generator=torch.Generator().manual_seed(3))
 
 
@@ -61,8 +61,13 @@ def test_single_and_sharded_load_with_transformers_numbers(saved):
         _compare(model, hf)
     if kind == "qwen2_moe":
         assert model.config.mlp_only_layers == (1,) and model.config.shared_expert_gate
+    if kind == "qwen3_moe":
+        c = model.config
+        assert (c.qk_norm, c.head_dim, c.mlp_only_layers) == ("head", 12, (0,))
+        assert c.shared_expert_intermediate_size == 0
+        assert model.model.layers[1].self_attn.q_norm.weight.shape == (12,)
     if kind == "olmoe":
-        assert model.config.qk_norm and not model.config.norm_topk_prob
+        assert model.config.qk_norm == "full" and not model.config.norm_topk_prob
 
 
 def test_greedy_generation_identical(saved):
@@ -156,3 +161,22 @@ def test_loading_progress_bar(tmp_path, capsys):
     assert capsys.readouterr().err == ""
     from_pretrained(tmp_path, show_progress=True)
     assert "loading" in capsys.readouterr().err
+
+
+def test_qwen3_30b_a3b_config_counts_the_published_parameters():
+    """Qwen3-30B-A3B's config.json (its model card: 30.5B total, 29.9B non-embedding, 3.3B active)."""
+    from moekit.hf.config_map import hf_to_kwargs
+    from moekit.models import ModelConfig, MoEForCausalLM
+
+    hf = dict(model_type="qwen3_moe", attention_bias=False, decoder_sparse_step=1, head_dim=128,
+              hidden_act="silu", hidden_size=2048, intermediate_size=6144, max_position_embeddings=40960,
+              mlp_only_layers=[], moe_intermediate_size=768, norm_topk_prob=True, num_attention_heads=32,
+              num_experts=128, num_experts_per_tok=8, num_hidden_layers=48, num_key_value_heads=4,
+              rms_norm_eps=1e-6, rope_theta=1e6, sliding_window=None, tie_word_embeddings=False,
+              use_sliding_window=False, vocab_size=151936, bos_token_id=151643, eos_token_id=151645)
+    with torch.device("meta"):
+        model = MoEForCausalLM(ModelConfig(**hf_to_kwargs(hf)))
+    total, active = model.num_parameters(), model.num_parameters(active=True)
+    non_embedding = total - 2 * 151936 * 2048
+    assert [round(n / 1e9, 1) for n in (total, non_embedding)] == [30.5, 29.9]
+    assert active == 3_353_032_704  # embedding and head included; the card writes 3.3B

@@ -57,11 +57,16 @@ def attention_reference(attn, x, positions, window, theta):
         return y
 
     q, k, v = proj(attn.q_proj, H), proj(attn.k_proj, KV), proj(attn.v_proj, KV)
-    if attn.q_norm is not None:
-        q = q / torch.sqrt((q * q).mean(-1, keepdim=True) + attn.q_norm.eps) * attn.q_norm.weight.double()
-        k = k / torch.sqrt((k * k).mean(-1, keepdim=True) + attn.k_norm.eps) * attn.k_norm.weight.double()
-    q = rope_reference(q.view(B, S, H, hd), positions, theta)
-    k = rope_reference(k.view(B, S, KV, hd), positions, theta)
+
+    def rms(z, norm):
+        return z / torch.sqrt((z * z).mean(-1, keepdim=True) + norm.eps) * norm.weight.double()
+
+    if attn.qk_norm == "full":  # over all heads at once (OLMoE)
+        q, k = rms(q, attn.q_norm), rms(k, attn.k_norm)
+    q, k = q.view(B, S, H, hd), k.view(B, S, KV, hd)
+    if attn.qk_norm == "head":  # each head on its own, one weight (Qwen3-MoE)
+        q, k = rms(q, attn.q_norm), rms(k, attn.k_norm)
+    q, k = rope_reference(q, positions, theta), rope_reference(k, positions, theta)
     v = v.view(B, S, KV, hd)
     out = torch.zeros(B, S, H, hd, dtype=torch.float64)
     for b in range(B):
@@ -133,6 +138,7 @@ def test_rope_relative_position_property():
         dict(num_key_value_heads=4),  # plain multi-head
         dict(num_key_value_heads=1),  # multi-query
         dict(attention_bias=True, qk_norm=True),
+        dict(qk_norm="head", head_dim=6),
         dict(sliding_window=3),
         dict(head_dim=6, rope_theta=1e6),
     ],

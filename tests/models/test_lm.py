@@ -65,8 +65,10 @@ def count_by_hand(c: ModelConfig) -> tuple[int, int]:
     attn = d * hd * (2 * c.num_attention_heads + 2 * c.num_key_value_heads)
     if c.attention_bias:
         attn += hd * (c.num_attention_heads + 2 * c.num_key_value_heads)
-    if c.qk_norm:
+    if c.qk_norm == "full":
         attn += hd * (c.num_attention_heads + c.num_key_value_heads)
+    if c.qk_norm == "head":
+        attn += 2 * hd
     total = active = c.vocab_size * d * (1 if c.tie_word_embeddings else 2) + d
     for i in range(c.num_hidden_layers):
         base = attn + 2 * d
@@ -88,6 +90,7 @@ def count_by_hand(c: ModelConfig) -> tuple[int, int]:
         dict(tie_word_embeddings=True),
         dict(decoder_sparse_step=2, first_k_dense_replace=1),
         dict(attention_bias=True, qk_norm=True, head_dim=6),
+        dict(qk_norm="head", head_dim=6),
         dict(shared_expert_intermediate_size=16, shared_expert_gate=True),
         dict(num_experts=0),
     ],

@@ -52,8 +52,16 @@ def test_json_round_trip(name):
 
 
 def test_round_trip_with_tuple_fields():
-    c = small(mlp_only_layers=(0, 2), sliding_window=8, attention_bias=True, qk_norm=True)
+    c = small(mlp_only_layers=(0, 2), sliding_window=8, attention_bias=True, qk_norm="head")
     assert ModelConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+
+
+def test_qk_norm_values():
+    assert small(qk_norm=True).qk_norm == "full" and small(qk_norm=False).qk_norm is None
+    old = {**small().to_dict(), "qk_norm": False}  # run.json files written before "head" existed
+    assert ModelConfig.from_dict(old) == small()
+    with pytest.raises(ValueError, match=r"qk_norm must be one of \(None, 'full', 'head'\), got 'heads'"):
+        small(qk_norm="heads")
 
 
 def test_from_dict_errors():
