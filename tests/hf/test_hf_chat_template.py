@@ -34,6 +34,24 @@ TOOLS = (
     "{% endif %}<|im_end|>\n{% endfor %}{{ dict(count=ns.n) | tojson }}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+# Reasoning models (Qwen3 style): str methods, reversed slices, `is defined` tests and a template kwarg.
+THINKING = (
+    "{%- set ns = namespace(last_user=-1) %}{%- for m in messages[::-1] %}"
+    "{%- if ns.last_user < 0 and m.role == 'user' %}"
+    "{%- set ns.last_user = messages|length - 1 - loop.index0 %}"
+    "{%- endif %}{%- endfor %}"
+    "{%- for m in messages %}{%- set content = m.content if m.content is string else '' %}"
+    "{%- if m.role == 'assistant' and '</think>' in content %}"
+    "{%- set reasoning = content.split('</think>')[0].split('<think>')[-1].strip('\n') %}"
+    "{%- set content = content.split('</think>')[-1].lstrip('\n') %}"
+    "{%- if loop.index0 > ns.last_user %}"
+    "{{- '<|im_start|>assistant\n<think>\n' + reasoning + '\n</think>\n\n' }}"
+    "{%- else %}{{- '<|im_start|>assistant\n' }}{%- endif %}{{- content.rstrip() + '<|im_end|>\n' }}"
+    "{%- else %}{{- '<|im_start|>' + m.role + '\n' + content + '<|im_end|>\n' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\n\n</think>\n\n' }}"
+    "{%- endif %}{%- endif %}"
+)
 CONVERSATIONS = [
     [{"role": "user", "content": "Hello, how are you?"}],
     [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "Hi"},
@@ -46,7 +64,8 @@ TOOL_SPEC = [{"type": "function", "function": {"name": "get_weather", "descripti
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     out = {}
-    for name, template in {"chatml": CHATML, "mixtral": MIXTRAL, "tools": TOOLS}.items():
+    templates = {"chatml": CHATML, "mixtral": MIXTRAL, "tools": TOOLS, "thinking": THINKING}
+    for name, template in templates.items():
         path = tmp_path_factory.mktemp(name)
         hf_tok = transformers.PreTrainedTokenizerFast(
             tokenizer_object=tiny_tokenizer(), bos_token="<s>", eos_token="</s>", unk_token="<unk>",
@@ -83,6 +102,23 @@ def test_none_values_reasoning_and_loop_controls_like_transformers(saved):
     expected = hf_tok.apply_chat_template(messages, tokenize=False)
     assert "never rendered" not in expected and "<think>greet</think>" in expected
     assert tok.apply_chat_template(messages) == expected
+
+
+@pytest.mark.parametrize("enable_thinking", [None, True, False])
+def test_reasoning_template_like_transformers(saved, enable_thinking):
+    hf_tok, path = saved["thinking"]
+    tok = load_tokenizer(path)
+    messages = [{"role": "user", "content": "2+2?"},
+                {"role": "assistant", "content": "<think>\nadd them\n</think>\n\n4 "},
+                {"role": "user", "content": "and 3+3?"},
+                {"role": "assistant", "content": "<think>\nagain\n</think>\n\n6"}]
+    for conversation in (messages, messages[:3]):
+        kw = dict(add_generation_prompt=len(conversation) == 3)
+        if enable_thinking is not None:
+            kw["enable_thinking"] = enable_thinking
+        expected = hf_tok.apply_chat_template(conversation, tokenize=False, **kw)
+        assert tok.apply_chat_template(conversation, **kw) == expected
+    assert "add them" not in expected  # an earlier turn's reasoning is dropped
 
 
 def test_raise_exception_and_sandbox(saved):
