@@ -114,9 +114,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds ``(default: X)`` to a flag's help unless the help names its default already or there is
+    nothing to say (``None``, off switches, empty lists)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        nothing = action.default is None or action.default is False or action.default == []
+        if "default" in text or nothing or action.default == argparse.SUPPRESS:
+            return text
+        return super()._get_help_string(action) or text
+
+
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate text from a trained run",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_HelpFormatter)
     p.add_argument("run_dir", nargs="?", default=None,
                    help="a run directory written by `moekit train` (or use --model PATH)")
     p.add_argument("--prompt", action="append", default=None,
@@ -197,7 +209,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def _add_analyze(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("analyze", help="routing analysis of a run or checkpoint: metrics, plots, report.html",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_HelpFormatter)
     p.add_argument("source", metavar="RUN_OR_MODEL",
                    help="a run directory written by `moekit train`, or a Hugging Face checkpoint directory")
     p.add_argument("--data", default=None,

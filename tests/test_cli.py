@@ -75,6 +75,18 @@ def test_info():
     assert "46,702,792,704" in r.stdout or "46702792704" in r.stdout
 
 
+@pytest.mark.parametrize("command", ["train", "generate", "analyze", "convert"])
+def test_help_names_each_default_once(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in text and "(default: False)" not in text
+    assert "(default: the newest) (default" not in text
+    if command == "generate":
+        assert "sampling temperature; 0 = greedy (default: 0.8)" in text
+        assert "(row b uses seed + b) (default: 0)" in text
+
+
 def test_errors_are_clear_and_touch_nothing(run_dir, data_dir, tmp_path, capsys):
     before = sorted((str(p), p.stat().st_mtime_ns) for p in run_dir.rglob("*"))
     cases = [
