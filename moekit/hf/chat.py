@@ -108,6 +108,13 @@ def chat_loop(
         except EOFError:
             return None
 
+    shown: list[str] = []  # what the terminal shows of the reply being generated
+
+    def stream(piece: str) -> None:
+        out.write(piece)
+        out.flush()
+        shown.append(piece)
+
     while (text := next_turn()) is not None:
         if text.strip() == "/exit":
             break
@@ -120,11 +127,7 @@ def chat_loop(
         messages.append({"role": "user", "content": text})
         if not interactive:
             out.write(f"> {text}\n")
-
-        def stream(piece: str) -> None:
-            out.write(piece)
-            out.flush()
-
+        shown.clear()
         try:
             answer = reply(model, tokenizer, messages, stop_ids=stop_ids, stream=stream, **gen)
         except ContextFullError as error:
@@ -136,8 +139,15 @@ def chat_loop(
         except KeyboardInterrupt:
             if not interactive:
                 raise
-            messages.pop()  # Ctrl-C stops this reply only; Ctrl-C at the prompt (or /exit) quits
-            out.write("\n(reply interrupted)\n")
+            # Ctrl-C stops this reply only (Ctrl-C at the prompt, or /exit, quits). What was shown of
+            # it stays in the conversation, as on screen; a reply stopped before its first piece
+            # takes its user turn with it.
+            if "".join(shown).strip():
+                messages.append({"role": "assistant", "content": "".join(shown)})
+                out.write("\n(reply interrupted; its text so far is kept)\n")
+            else:
+                messages.pop()
+                out.write("\n(reply interrupted)\n")
             continue
         out.write("\n")
         messages.append({"role": "assistant", "content": answer})

@@ -70,17 +70,21 @@ def test_interactive_chat_survives_a_full_context(ckpt):
         chat_loop(model, tok, stop_ids=[], prompts=["word " * 400], out=io.StringIO(), max_new_tokens=4)
 
 
-def test_ctrl_c_stops_one_interactive_reply(ckpt):
+@pytest.mark.parametrize("shown_pieces", [0, 2])
+def test_ctrl_c_stops_one_interactive_reply(ckpt, shown_pieces):
     path, _, _ = ckpt
     model, tok = from_pretrained(path), load_tokenizer(path)
     lines = iter(["Hi", "Hello", "/exit"])
     turns = []
+    pieces = []
 
     class Out(io.StringIO):
         def write(self, text):
-            if len(turns) == 1 and text not in ("> ", "\n> "):  # the first reply's first piece
-                turns.append("interrupted")
-                raise KeyboardInterrupt
+            if len(turns) == 1 and text not in ("> ", "\n> "):  # a piece of the first reply
+                if len(pieces) == shown_pieces:
+                    turns.append("interrupted")
+                    raise KeyboardInterrupt
+                pieces.append(text)
             return super().write(text)
 
     def read():
@@ -90,8 +94,14 @@ def test_ctrl_c_stops_one_interactive_reply(ckpt):
     out = Out()
     messages = chat_loop(model, tok, stop_ids=stop_token_ids(path, model, tok), read=read, out=out,
                          max_new_tokens=4, temperature=0.0)
-    assert "(reply interrupted)" in out.getvalue()
-    assert [m["content"] for m in messages if m["role"] == "user"] == ["Hello"]
+    if shown_pieces == 0:  # nothing shown: the turn is dropped
+        assert "(reply interrupted)" in out.getvalue()
+        assert [m["content"] for m in messages if m["role"] == "user"] == ["Hello"]
+    else:  # the shown part of the reply stays, as on screen
+        assert "(reply interrupted; its text so far is kept)" in out.getvalue()
+        assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
+        assert messages[0] == {"role": "user", "content": "Hi"}
+        assert messages[1] == {"role": "assistant", "content": "".join(pieces)}
 
 
 def test_plain_generate_and_convert_cli(ckpt, tmp_path, capsys):
