@@ -11,6 +11,7 @@ import json
 import sys
 import time
 from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
 # (flag, TrainConfig field, type, help). Defaults come from TrainConfig and are shown in --help.
@@ -192,17 +193,31 @@ def print_generations(model: Any, tokenizer: Any, prompts: list[str], no_stream:
 
 
 def _add_info(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("info", help="parameters, memory and FLOPs of a model preset")
-    p.add_argument("--preset", required=True, help="preset name (tiny, small, mixtral-8x7b, ...)")
+    p = sub.add_parser("info", help="parameters, memory and FLOPs of a preset, a run or a checkpoint")
+    p.add_argument("source", nargs="?", default=None, metavar="RUN_OR_MODEL",
+                   help="a run directory or an HF / Mistral checkpoint directory (or cached hub id); "
+                        "only its config is read")
+    p.add_argument("--preset", default=None, help="preset name (tiny, small, mixtral-8x7b, ...)")
     p.set_defaults(func=_cmd_info)
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from moekit.models import get_preset
-
-    config = get_preset(args.preset)  # an unknown name fails here with the list of presets
+    from moekit.models import ModelConfig, get_preset
     from moekit.models.info import describe
 
+    if (args.source is None) == (args.preset is None):
+        raise ValueError("info needs one of --preset NAME or RUN_OR_MODEL (a run or checkpoint directory)")
+    if args.preset is not None:
+        config = get_preset(args.preset)  # an unknown name fails here with the list of presets
+    elif (Path(args.source) / "run.json").is_file():
+        from moekit.train.run import read_run_info
+
+        config = ModelConfig.from_dict(read_run_info(args.source)["model_config"])
+    else:
+        from moekit.hf.load import read_config
+        from moekit.hf.resolve import resolve_path
+
+        config = read_config(resolve_path(args.source))[0]
     print(describe(config))
     return 0
 
@@ -256,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, OSError) as err:  # OSError: a missing / unreadable path, a full disk
         print(f"moekit: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

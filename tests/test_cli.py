@@ -75,6 +75,15 @@ def test_info():
     assert "46,702,792,704" in r.stdout or "46702792704" in r.stdout
 
 
+def test_info_of_a_run(run_dir, capsys):
+    from moekit.models import ModelConfig
+    from moekit.models.info import describe
+
+    assert main(["info", str(run_dir)]) == 0
+    config = json.loads((run_dir / "run.json").read_text())["model_config"]
+    assert capsys.readouterr().out == describe(ModelConfig.from_dict(config)) + "\n"
+
+
 @pytest.mark.parametrize("command", ["train", "generate", "analyze", "convert"])
 def test_help_names_each_default_once(command, capsys):
     with pytest.raises(SystemExit):
@@ -101,6 +110,11 @@ def test_errors_are_clear_and_touch_nothing(run_dir, data_dir, tmp_path, capsys)
          "no such file or directory"),
         (["train", "--set", "bogus=1", "--out", str(tmp_path / "o")], "bogus"),
         (["info", "--preset", "huge"], "unknown preset"),
+        (["info"], "info needs one of --preset NAME or RUN_OR_MODEL"),
+        (["info", str(data_dir)], "neither config.json (Hugging Face) nor params.json (Mistral) found"),
+        (["info", str(tmp_path / "nope")], "no such checkpoint directory"),
+        (["generate", "--model", str(tmp_path / "nope"), "--prompt", "x"], "no such checkpoint directory"),
+        (["convert", str(tmp_path / "nope"), str(tmp_path / "o")], "no such checkpoint directory"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv

@@ -118,3 +118,5 @@ def test_plain_generate_and_convert_cli(ckpt, tmp_path, capsys):
     assert (tmp_path / "h" / "model.safetensors.index.json").is_file()
     assert main(["generate", "--prompt", "x"]) == 2
     assert "needs RUN_DIR and --prompt (or --model PATH" in capsys.readouterr().err
+    assert main(["info", str(path)]) == 0  # the config only
+    assert f"parameters: total {sum(p.numel() for p in hf.parameters()):,}" in capsys.readouterr().out
