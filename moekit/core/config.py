@@ -46,6 +46,10 @@ class MoEConfig:
         shared_expert_gate: scale the shared expert by ``sigmoid(x @ w)`` (Qwen2-MoE).
         routed_scaling_factor: multiplier on the routed experts' combined output (DeepSeek-V3).
         bias_update_rate: ``gamma`` of the ``sigmoid_bias`` router's aux-loss-free balancing.
+        n_group, topk_group: group-limited routing of ``sigmoid_bias`` (DeepSeek-V3's names): the
+            experts form ``n_group`` groups of consecutive ids, each token keeps the ``topk_group``
+            groups with the largest sum of their two best biased scores and takes its top ``K``
+            experts from those. ``n_group=1`` (default) routes over all experts.
         backend: grouped-matmul backend behind the experts' seam, one of ``BACKENDS``.
     """
 
@@ -65,6 +69,8 @@ class MoEConfig:
     shared_expert_gate: bool = False
     routed_scaling_factor: float = 1.0
     bias_update_rate: float = 1e-3
+    n_group: int = 1
+    topk_group: int = 1
     backend: str = "grouped"
 
     def __post_init__(self) -> None:
@@ -104,6 +110,29 @@ class MoEConfig:
             )
         if self.shared_expert_gate and self.shared_expert_intermediate_size == 0:
             raise ValueError("MoEConfig.shared_expert_gate needs shared_expert_intermediate_size > 0")
+        self._check_groups()
+
+    def _check_groups(self) -> None:
+        for name in ("n_group", "topk_group"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"MoEConfig.{name} must be an int >= 1, got {value!r}")
+        if self.n_group == 1:
+            return
+        if self.router != "sigmoid_bias":
+            raise ValueError(f"MoEConfig.n_group > 1 (group-limited routing) needs router='sigmoid_bias', "
+                             f"got {self.router!r}")
+        size = self.num_experts // self.n_group
+        if self.num_experts % self.n_group or size < 2:
+            raise ValueError(f"MoEConfig.n_group must divide num_experts ({self.num_experts}) into groups of "
+                             f">= 2 experts, got {self.n_group}")
+        if self.topk_group > self.n_group:
+            raise ValueError(
+                f"MoEConfig.topk_group must be <= n_group ({self.n_group}), got {self.topk_group}"
+            )
+        if self.top_k > self.topk_group * size:
+            raise ValueError(f"MoEConfig.top_k ({self.top_k}) must be <= topk_group * experts per group "
+                             f"({self.topk_group} * {size})")
 
     @property
     def gated(self) -> bool:

@@ -165,7 +165,9 @@ class SigmoidBiasRouter(Router):
     """DeepSeek-V3 style: sigmoid scores, aux-loss-free balancing bias.
 
     ``scores = sigmoid(logits)``; the experts are chosen by ``topk(scores + bias)`` but weighted by the
-    unbiased ``scores`` (renormalised over the K if ``norm_topk_prob``). The bias buffer
+    unbiased ``scores`` (renormalised over the K if ``norm_topk_prob``). With ``n_group > 1`` the
+    choice is group-limited: only the experts of the token's ``topk_group`` best groups (by the sum
+    of each group's two largest ``scores + bias``) compete. The bias buffer
     ``e_score_correction_bias (E,)`` only changes *which* experts are chosen. It moves by
     ``bias += gamma * sign(mean_load - load)`` when :meth:`update_bias` is called, using the load counted
     in training forwards since the previous call (all-reduced when torch.distributed is initialised)::
@@ -176,6 +178,7 @@ class SigmoidBiasRouter(Router):
     def __init__(self, config: MoEConfig) -> None:
         super().__init__(config)
         self.gamma = config.bias_update_rate
+        self.n_group, self.topk_group = config.n_group, config.topk_group
         self.register_buffer("e_score_correction_bias", torch.zeros(config.num_experts))
         self.register_buffer("load_counts", torch.zeros(config.num_experts), persistent=False)
 
@@ -194,6 +197,12 @@ class SigmoidBiasRouter(Router):
         logits_TE = self.logits(x_TD)
         scores_TE = torch.sigmoid(logits_TE)
         biased_TE = scores_TE.detach() + self.e_score_correction_bias.to(scores_TE.dtype)
+        if self.n_group > 1:
+            T, G = biased_TE.shape[0], self.n_group
+            group_TG = biased_TE.view(T, G, -1).topk(2, dim=-1).values.sum(-1)
+            best_TG = torch.zeros_like(group_TG, dtype=torch.bool)
+            best_TG.scatter_(1, group_TG.topk(self.topk_group, dim=-1).indices, True)
+            biased_TE = biased_TE.masked_fill(~best_TG.repeat_interleave(self.num_experts // G, 1), -math.inf)
         _, ids_TK = torch.topk(biased_TE, self.top_k, dim=-1)
         weights_TK = scores_TE.gather(1, ids_TK)
         if self.norm_topk_prob and self.top_k > 1:

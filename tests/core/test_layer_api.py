@@ -62,6 +62,11 @@ def test_bad_input_is_rejected_with_the_field_named():
         ({"capacity_factor": -1.0}, "capacity_factor"), ({"router": "hash"}, "router"),
         ({"backend": "cuda"}, "backend"), ({"activation": "tanh"}, "activation"),
         ({"router": "switch"}, "top_k"), ({"eval_capacity_factor": 0}, "eval_capacity_factor"),
+        ({"n_group": 0}, "n_group must be an int >= 1"),
+        ({"n_group": 3, "router": "topk"}, "n_group > 1 .* needs router='sigmoid_bias'"),
+        ({"n_group": 3, "router": "sigmoid_bias"}, "groups of >= 2 experts"),
+        ({"num_experts": 8, "n_group": 4, "topk_group": 5, "router": "sigmoid_bias"}, "topk_group must"),
+        ({"num_experts": 8, "n_group": 4, "top_k": 3, "router": "sigmoid_bias"}, r"top_k \(3\) must be"),
     ],
 )
 def test_config_errors_name_the_field(overrides, field):

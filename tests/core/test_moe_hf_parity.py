@@ -1,4 +1,4 @@
-"""Parity with transformers (test dependency only): Mixtral and Qwen2-MoE blocks, balance loss."""
+"""Parity with transformers (test dependency only): Mixtral, Qwen2-MoE, DeepSeek-V3 blocks, balance loss."""
 
 from __future__ import annotations
 
@@ -99,3 +99,33 @@ def test_qwen2_moe_shared_expert_parity():
     x = torch.randn(3, 5, 32)
     with torch.no_grad():
         assert rel_err(ours(x)[0], hf(x)) <= 1e-5
+
+
+@pytest.mark.parametrize("n_group,topk_group,norm", [(4, 2, True), (1, 1, False)])
+def test_deepseek_v3_block_parity(n_group, topk_group, norm):
+    """sigmoid_bias + group-limited routing + routed_scaling_factor + an ungated shared expert."""
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
+
+    config = transformers.DeepseekV3Config(hidden_size=32, moe_intermediate_size=16, n_routed_experts=8,
+                                           num_experts_per_tok=3, n_group=n_group, topk_group=topk_group,
+                                           n_shared_experts=2, routed_scaling_factor=2.5, norm_topk_prob=norm)
+    config._experts_implementation = "eager"
+    torch.manual_seed(2)
+    hf = DeepseekV3MoE(config).eval()
+    for p in hf.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    hf.gate.e_score_correction_bias.copy_(torch.linspace(-0.2, 0.3, 8))  # a bias that changes choices
+    ours = MoE(MoEConfig(hidden_size=32, intermediate_size=16, num_experts=8, top_k=3, router="sigmoid_bias",
+                         norm_topk_prob=norm, n_group=n_group, topk_group=topk_group,
+                         routed_scaling_factor=2.5, shared_expert_intermediate_size=32)).eval()
+    state = {k.replace("shared_experts.", "shared_expert."): v for k, v in hf.state_dict().items()}
+    assert set(ours.state_dict()) == set(state)
+    ours.load_state_dict(state)
+    x = torch.randn(4, 9, 32)
+    with torch.no_grad():
+        y, info = ours(x)
+        _, _, hf_ids = hf.gate(x)
+        assert rel_err(y, hf(x)) <= 1e-5
+    assert torch.equal(info.expert_ids.sort(-1).values, hf_ids.sort(-1).values)
+    if n_group > 1:  # every token's experts lie in at most topk_group of the 4 groups
+        assert all(len(set((row // 2).tolist())) <= topk_group for row in info.expert_ids)

@@ -16,6 +16,7 @@ ROUTER_CASES = [
     ("gshard", {"top_k": 2, "capacity_factor": 0.75}),
     ("expert_choice", {"capacity_factor": 1.5}),
     ("sigmoid_bias", {"top_k": 2}),
+    ("sigmoid_bias", {"top_k": 3, "num_experts": 8, "n_group": 4, "topk_group": 2}),  # group-limited
 ]
 
 
