@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from dataclasses import fields
@@ -115,6 +116,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _device_arg(name: str) -> str:
+    """``--device`` of the inference commands: cpu, cuda or cuda:N, and CUDA must be there."""
+    if name != "cpu" and re.fullmatch(r"cuda(:\d+)?", name) is None:
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {name!r}")
+    if name != "cpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{name}: CUDA is not available on this machine")
+        count = torch.cuda.device_count()
+        if int(name.partition(":")[2] or 0) >= count:
+            raise argparse.ArgumentTypeError(f"{name}: this machine has {count} CUDA device(s)")
+    return name
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Adds ``(default: X)`` to a flag's help unless the help names its default already or there is
     nothing to say (``None``, off switches, empty lists)."""
@@ -141,7 +157,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (row b uses seed + b)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
-    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--device", type=_device_arg, default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--no-stream", action="store_true", help="print results at the end, no streaming")
     from moekit.hf.chat import add_generate_flags
 
@@ -238,7 +254,7 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
                         "(default: first, middle, last)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per window (default: the run's seq_len)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
-    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--device", type=_device_arg, default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--step", type=int, default=None, help="checkpoint step of a run (default: the newest)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_analyze)

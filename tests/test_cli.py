@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from moekit.cli import main
 
@@ -116,6 +117,8 @@ def test_errors_are_clear_and_touch_nothing(run_dir, data_dir, tmp_path, capsys)
         (["generate", "--model", str(tmp_path / "nope"), "--prompt", "x"], "no such checkpoint directory"),
         (["convert", str(tmp_path / "nope"), str(tmp_path / "o")], "no such checkpoint directory"),
     ]
+    if not torch.cuda.is_available():  # checked before the run directory is made
+        cases.append((["train", "--device", "cuda", "--out", str(tmp_path / "o"), *MICRO], "CUDA is not"))
     for argv, message in cases:
         assert main(argv) == 2, argv
         out, err = capsys.readouterr()
@@ -123,6 +126,13 @@ def test_errors_are_clear_and_touch_nothing(run_dir, data_dir, tmp_path, capsys)
         assert out == "", (argv, out)  # e.g. no echo of a prompt that is then rejected
     assert sorted((str(p), p.stat().st_mtime_ns) for p in run_dir.rglob("*")) == before
     assert not (tmp_path / "o").exists()
+    absent = "cuda:99" if torch.cuda.is_available() else "cuda:0"
+    for argv in (["generate", str(run_dir), "--prompt", "x", "--device", "gpu"],
+                 ["analyze", str(run_dir), "--device", absent]):  # argparse: usage + one message
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+        assert "argument --device: " in capsys.readouterr().err
 
 
 def test_sigterm_saves_a_checkpoint_and_resume_continues(data_dir, tmp_path, capsys):

@@ -221,6 +221,7 @@ def train(
                 f"cannot resume: the run was trained on {info['data']['source']}, not on --data {data}"
             )
         cfg = resume_train_config(TrainConfig.from_dict(info["train_config"]), dict(train_changes or {}))
+        device = _device(cfg.device)  # before anything is written
         checkpoints = list_checkpoints(out)
         if not checkpoints:
             raise ValueError(f"cannot resume {out}: it has no checkpoint yet; start a new run instead")
@@ -231,6 +232,7 @@ def train(
                                  "train_config": cfg.to_dict()})
     else:
         cfg = (train_config or TrainConfig()).replace(**(train_changes or {}))
+        device = _device(cfg.device)  # before anything is written
         model_config = model_config if model_config is not None else get_preset("tiny")
         if ep is None:
             model_config, _, tokens = prepare_run(out, model_config, cfg, data, log=log)
@@ -239,7 +241,6 @@ def train(
             ep.run_on_main(lambda: prepare_run(out, model_config, cfg, data, log=log))
             model_config, tokens = ModelConfig.from_dict(read_run_info(out)["model_config"]), load_tokens(out)
 
-    device = _device(cfg.device)
     if ep is not None:
         device = ep.device(device)
         ep.check_configs(model_config, cfg)
