@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 DPI = 110
 
@@ -56,14 +57,24 @@ def _heatmap(ax: Any, data: np.ndarray, *, cmap: str = "viridis", vmin: float | 
     return im
 
 
+def _expert_ticks(ax: Any, num_experts: int, axis: str = "x", most: int = 16) -> None:
+    """One tick per expert up to ``most`` experts; beyond, at most ~``most / 2`` integer ticks (one
+    label per expert would collide)."""
+    target = ax.xaxis if axis == "x" else ax.yaxis
+    if num_experts <= most:
+        target.set_ticks(range(num_experts))
+    else:
+        target.set_major_locator(MaxNLocator(nbins=most // 2, integer=True))
+
+
 def plot_load_heatmap(fractions_LE: Any, layer_labels: Sequence[str], path: str | os.PathLike) -> Path:
     """Heatmap of the fraction of routed slots per expert (columns) for each layer (rows)."""
     data = np.asarray(fractions_LE, dtype=np.float64)
     L, E = data.shape
-    fig = Figure(figsize=(max(4.5, 0.55 * E + 2), max(2.2, 0.35 * L + 1.2)), layout="constrained")
+    fig = Figure(figsize=(min(16.0, max(4.5, 0.55 * E + 2)), max(2.2, 0.35 * L + 1.2)), layout="constrained")
     ax = fig.add_subplot()
     im = _heatmap(ax, data, vmin=0.0, annotate=E <= 16 and L <= 16)
-    ax.set_xticks(range(E))
+    _expert_ticks(ax, E, most=32)
     ax.set_yticks(range(L), labels=list(layer_labels))
     ax.set_xlabel("expert")
     ax.set_title(f"Expert load (fraction of routed slots; uniform = {1 / E:.3f})")
@@ -86,9 +97,8 @@ def plot_coselection(matrices: Sequence[Any], layer_labels: Sequence[str], token
         data = np.asarray(m, dtype=np.float64) / max(n, 1)
         np.fill_diagonal(data, np.nan)
         im = _heatmap(ax, data, cmap="magma", vmin=0.0)
-        if data.shape[0] <= 16:
-            ax.set_xticks(range(data.shape[0]))
-            ax.set_yticks(range(data.shape[0]))
+        _expert_ticks(ax, data.shape[0], "x")
+        _expert_ticks(ax, data.shape[0], "y")
         ax.set_title(f"{label}: P(i and j chosen)", fontsize=9)
         ax.set_xlabel("expert j", fontsize=8)
         ax.set_ylabel("expert i", fontsize=8)
@@ -156,7 +166,7 @@ def plot_category_expert(tables: Sequence[Any], layer_labels: Sequence[str], cat
         rows = t[keep] / t[keep].sum(axis=1, keepdims=True)
         im = _heatmap(ax, rows, cmap="viridis", vmin=0.0)
         ax.set_yticks(range(int(keep.sum())), labels=[c for c, k in zip(categories, keep) if k], fontsize=8)
-        ax.set_xticks(range(t.shape[1]))
+        _expert_ticks(ax, t.shape[1])
         ax.set_xlabel("expert", fontsize=8)
         ax.set_title(f"{label}: P(expert | category)", fontsize=9)
         fig.colorbar(im, ax=ax, fraction=0.046)

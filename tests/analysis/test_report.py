@@ -137,3 +137,32 @@ def test_text_summary_lists_layers_and_baselines(toy_analysis):
 
 def test_show_token_makes_blanks_visible():
     assert show_token(" self\n\t") == "␣self\\n\\t"
+
+
+
+def test_plots_of_many_experts_keep_their_tick_labels_apart(tmp_path, monkeypatch):
+    """64 experts get a few integer ticks, not 64 colliding labels; 8 experts get one tick each."""
+    import numpy as np
+
+    from moekit.analysis import plots
+
+    figures = {}
+
+    def keep(fig, path):
+        figures[Path(path).stem] = fig
+        return Path(path)
+
+    monkeypatch.setattr(plots, "_save", keep)
+    rng = np.random.default_rng(0)
+    plots.plot_load_heatmap(rng.random((2, 64)), ["L0", "L1"], tmp_path / "load.png")
+    plots.plot_category_expert([rng.random((3, 64))], ["L0"], ["a", "b", "c"], tmp_path / "cat.png")
+    plots.plot_coselection([rng.random((64, 64))], ["L0"], [10], tmp_path / "co.png")
+    plots.plot_load_heatmap(rng.random((2, 8)), ["L0", "L1"], tmp_path / "load8.png")
+
+    def expert_ticks(name):
+        ax = figures[name].axes[0]  # the heatmap; the colorbar comes after it
+        return [t for t in ax.get_xticks() if 0 <= t < 64]
+
+    for name in ("load", "cat", "co"):
+        assert 2 <= len(expert_ticks(name)) <= 17, (name, expert_ticks(name))
+    assert expert_ticks("load8") == list(range(8))
