@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 CHECKPOINT_DIR = "checkpoints"
@@ -147,6 +148,22 @@ def save_checkpoint(
     return final
 
 
+def damaged(path: Path, name: str, err: Exception) -> ValueError:
+    """The error for an unreadable file of a checkpoint (``name`` inside the directory ``path``)."""
+    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return ValueError(
+        f"checkpoint {path} is damaged ({name}: {reason}); remove that directory to fall back to the "
+        "previous checkpoint (generate and analyze also take --step N)"
+    )
+
+
+def _read_json(path: Path, name: str) -> Any:
+    try:
+        return json.loads((path / name).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise damaged(path, name, err) from None
+
+
 def load_checkpoint(
     checkpoint_dir: str | os.PathLike,
     model: torch.nn.Module,
@@ -157,9 +174,12 @@ def load_checkpoint(
     path = Path(checkpoint_dir)
     if not (path / "state.json").is_file() or not (path / "model.safetensors").is_file():
         raise ValueError(f"{path} is not a moekit checkpoint (no state.json / model.safetensors)")
+    state = _read_json(path, "state.json")
     try:
         file = str(path / "model.safetensors")
         missing, unexpected = load_model(model, file, strict=False, device=str(device))
+    except SafetensorError as err:  # truncated / corrupt file
+        raise damaged(path, "model.safetensors", err) from None
     except RuntimeError as err:  # shape mismatch
         raise ValueError(f"checkpoint {path} does not fit this model: {str(err).splitlines()[0]}") from None
     if missing or unexpected:
@@ -170,7 +190,10 @@ def load_checkpoint(
     if optimizer is not None:
         if not (path / "optimizer.safetensors").is_file():
             raise ValueError(f"checkpoint {path} has no optimizer state; cannot resume training from it")
-        tensors = load_file(str(path / "optimizer.safetensors"), device=str(device))
-        index = json.loads((path / "optimizer.json").read_text(encoding="utf-8"))
+        try:
+            tensors = load_file(str(path / "optimizer.safetensors"), device=str(device))
+        except SafetensorError as err:
+            raise damaged(path, "optimizer.safetensors", err) from None
+        index = _read_json(path, "optimizer.json")
         optimizer.load_state_dict(unflatten_optimizer_state(tensors, index))
-    return json.loads((path / "state.json").read_text(encoding="utf-8"))
+    return state

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
@@ -108,4 +109,7 @@ def load_tokens(run_dir: str | os.PathLike) -> dict[str, np.ndarray]:
     file = Path(run_dir) / DATA_FILE
     if not file.is_file():
         raise ValueError(f"run {run_dir} has no {DATA_FILE}; it cannot be resumed")
-    return {k: v.numpy() for k, v in load_file(str(file)).items()}
+    try:
+        return {k: v.numpy() for k, v in load_file(str(file)).items()}
+    except SafetensorError as err:
+        raise ValueError(f"run {run_dir}: {DATA_FILE} is damaged ({err}); it cannot be resumed") from None

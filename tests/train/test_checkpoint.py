@@ -82,3 +82,22 @@ def test_load_errors(tmp_path):
                                  torch.nn.Linear(6, 11))
     with pytest.raises(ValueError, match="does not fit"):
         ck.load_checkpoint(path, bigger)
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "optimizer.safetensors", "optimizer.json",
+                                  "state.json"])
+def test_a_damaged_file_names_the_checkpoint_and_the_way_out(tmp_path, name):
+    model, opt = _model_and_opt()
+    path = ck.save_checkpoint(tmp_path, 1, model, opt, {})
+    file = path / name
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])  # e.g. a disk that filled up
+    with pytest.raises(ValueError, match=rf"checkpoint .*step_0000001 is damaged \({name}: .*previous"):
+        ck.load_checkpoint(path, model, opt)
+
+
+def test_damaged_token_streams_are_named(tmp_path):
+    from moekit.train.prepare import load_tokens
+
+    (tmp_path / "data.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+    with pytest.raises(ValueError, match="data.safetensors is damaged .*cannot be resumed"):
+        load_tokens(tmp_path)
