@@ -76,4 +76,7 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: tokenizer file not found")
-    return Tokenizer.from_file(str(path))
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception on a damaged file
+        raise ValueError(f"{path}: cannot load tokenizer ({e})") from None

@@ -39,6 +39,9 @@ def test_save_load_round_trip(tmp_path):
     assert loaded.encode(TEXT).ids == _TOKENIZER.encode(TEXT).ids
     with pytest.raises(ValueError, match="not found"):
         load_tokenizer(tmp_path / "missing.json")
+    path.write_text(path.read_text()[:1000])  # damaged
+    with pytest.raises(ValueError, match="tokenizer.json: cannot load tokenizer"):
+        load_tokenizer(path)
 
 
 def test_vocab_size_too_small():
