@@ -174,6 +174,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         return cmd_generate(args)
     if args.run_dir is None or not args.prompt:
         raise ValueError("generate needs RUN_DIR and --prompt (or --model PATH for a checkpoint)")
+    checkpoint_only = {"--chat": args.chat, "--system": args.system, "--template-var": args.template_var,
+                       "--dtype": args.dtype}
+    for flag, value in checkpoint_only.items():
+        if value:
+            raise ValueError(f"{flag} applies to --model PATH checkpoints, not to a training run")
     model, tokenizer, info = load_run(args.run_dir, step=args.step, device=args.device)
     print_generations(
         model, tokenizer, args.prompt, no_stream=args.no_stream, max_new_tokens=args.max_new_tokens,

@@ -107,6 +107,7 @@ def test_errors_are_clear_and_touch_nothing(run_dir, data_dir, tmp_path, capsys)
         (["train", "--resume"], "--resume needs --out"),
         (["generate", str(data_dir), "--prompt", "x"], "is not a moekit run"),
         (["generate", str(run_dir), "--prompt", LONG, "--max-new-tokens", "1"], "prompt"),
+        (["generate", str(run_dir), "--prompt", "x", "--chat"], "--chat applies to --model PATH"),
         (["train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), *MICRO],
          "no such file or directory"),
         (["train", "--set", "bogus=1", "--out", str(tmp_path / "o")], "bogus"),

@@ -51,13 +51,16 @@ def reply(
     stream: Callable[[str], None] | None = None,
     max_new_tokens: int = 256,
     stop: list[str] | None = None,
+    template_vars: dict[str, Any] | None = None,
     **sampling: Any,
 ) -> str:
-    """Generate the assistant's next message for ``messages``; returns its text."""
+    """Generate the assistant's next message for ``messages``; returns its text. ``template_vars`` are
+    extra variables of the chat template (e.g. ``{"enable_thinking": False}`` for Qwen3)."""
     from moekit.inference import generate
     from moekit.inference.text import _RowText  # the streaming detokeniser generate_text uses
 
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                        **(template_vars or {}))
     assert isinstance(ids, list)
     room = model.config.max_position_embeddings - len(ids)
     if room < 1:
@@ -161,12 +164,39 @@ def add_generate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat", action="store_true",
                    help="apply the tokenizer's chat template; without --prompt: interactive multi-turn chat")
     p.add_argument("--system", default=None, help="system message for --chat")
+    p.add_argument("--template-var", action="append", default=[], metavar="KEY=VALUE",
+                   help="a variable of the chat template, e.g. enable_thinking=false (Qwen3); VALUE is "
+                        "read as JSON when it parses, else as text (repeatable)")
     p.add_argument("--dtype", default=None,
                    help="dtype of --model weights, e.g. bfloat16; None = the checkpoint's")
 
 
+_RESERVED_VARS = ("messages", "add_generation_prompt", "tokenize", "chat_template", "tools", "documents")
+
+
+def template_vars(items: list[str]) -> dict[str, Any]:
+    """``--template-var KEY=VALUE`` items -> ``{KEY: VALUE}``, VALUE parsed as JSON when it parses."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise ValueError(f"--template-var expects KEY=VALUE with KEY a name, got {item!r}")
+        if key in _RESERVED_VARS:
+            raise ValueError(f"--template-var {key}: set by moekit itself; choose another variable")
+        try:
+            out[key] = json.loads(text)
+        except json.JSONDecodeError:
+            out[key] = text
+    return out
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     """``moekit generate --model PATH``: prompts, or ``--chat`` (a turn per --prompt, or interactive)."""
+    variables = template_vars(args.template_var)  # checked before the model is loaded
+    if args.template_var and not args.chat:
+        raise ValueError("--template-var applies to --chat (the chat template)")
+    if not args.chat and not args.prompt:
+        raise ValueError("--prompt is required without --chat")
     root = resolve_path(args.model)
     model = from_pretrained(root, dtype=args.dtype, device=args.device)
     tokenizer = load_tokenizer(root)
@@ -179,10 +209,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     }
     if args.chat:
         chat_loop(model, tokenizer, stop_ids=stop_ids, system=args.system, prompts=args.prompt,
-                  max_new_tokens=args.max_new_tokens, stop=args.stop, **sampling)
+                  max_new_tokens=args.max_new_tokens, stop=args.stop, template_vars=variables, **sampling)
         return 0
-    if not args.prompt:
-        raise ValueError("--prompt is required without --chat")
     from moekit.cli import print_generations
 
     print_generations(model, tokenizer.tokenizer, args.prompt, no_stream=args.no_stream,

@@ -10,7 +10,7 @@ from moekit.hf import from_pretrained, load_tokenizer
 from moekit.hf.chat import chat_loop, stop_token_ids
 
 from .builders import tiny_hf, tiny_tokenizer
-from .test_hf_chat_template import CHATML
+from .test_hf_chat_template import CHATML, THINKING
 
 transformers = pytest.importorskip("transformers")
 NEW = 12
@@ -29,8 +29,9 @@ def ckpt(tmp_path_factory):
     return path, hf, hf_tok
 
 
-def _hf_reply(hf, hf_tok, messages):
-    ids = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+def _hf_reply(hf, hf_tok, messages, **template_vars):
+    ids = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False,
+                                     **template_vars)
     ids = torch.tensor([list(ids)])
     out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, do_sample=False,
                       pad_token_id=0, eos_token_id=hf_tok.eos_token_id)[0, ids.shape[1]:]
@@ -43,6 +44,30 @@ def test_chat_turn_from_cli_equals_transformers(ckpt, capsys):
     assert main(["generate", "--model", str(path), "--chat", "--prompt", "Hello, how are you?",
                  "--temperature", "0", "--max-new-tokens", str(NEW)]) == 0
     assert capsys.readouterr().out == f"> Hello, how are you?\n{expected}\n"
+
+
+def test_template_vars_reach_the_chat_template(ckpt, tmp_path, capsys):
+    import shutil
+
+    path, hf, hf_tok = ckpt
+    shutil.copytree(path, tmp_path / "thinking")
+    hf_tok = transformers.PreTrainedTokenizerFast.from_pretrained(path)
+    hf_tok.chat_template = THINKING
+    hf_tok.save_pretrained(tmp_path / "thinking")
+    messages = [{"role": "user", "content": "Hello"}]
+    no_thinking = (["--template-var", "enable_thinking=false"], {"enable_thinking": False})
+    for extra, template_vars in ([], {}), no_thinking:
+        expected = _hf_reply(hf, hf_tok, messages, **template_vars)
+        assert main(["generate", "--model", str(tmp_path / "thinking"), "--chat", "--prompt", "Hello",
+                     "--temperature", "0", "--max-new-tokens", str(NEW), *extra]) == 0
+        assert capsys.readouterr().out == f"> Hello\n{expected}\n"
+    assert hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                      enable_thinking=False).endswith("<think>\n\n</think>\n\n")
+    for argv, message in [(["--template-var", "tools=[]", "--chat"], "set by moekit itself"),
+                          (["--template-var", "x"], "expects KEY=VALUE"),
+                          (["--template-var", "x=1"], "applies to --chat")]:
+        assert main(["generate", "--model", str(path), "--prompt", "Hi", *argv]) == 2
+        assert message in capsys.readouterr().err
 
 
 def test_interactive_multi_turn(ckpt):
