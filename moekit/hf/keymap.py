@@ -6,7 +6,7 @@ Layouts:
   ``model.layers.{i}.mlp.gate.weight`` ``(E, D)``.
 - **per-expert** (what transformers writes to disk, and every released checkpoint): Mixtral
   ``model.layers.{i}.block_sparse_moe.experts.{e}.w1/w3/w2.weight`` (gate / up / down) and
-  ``...block_sparse_moe.gate.weight``; Qwen2-MoE / OLMoE ``model.layers.{i}.mlp.experts.{e}.gate_proj/
+  ``...block_sparse_moe.gate.weight``; Qwen2/3-MoE / OLMoE ``model.layers.{i}.mlp.experts.{e}.gate_proj/
   up_proj/down_proj.weight``. Stacking: ``gate_up_proj[e] = cat([w1_e, w3_e], 0)``, ``down_proj[e] = w2_e``.
 - **Mistral** (``consolidated*.safetensors``): ``tok_embeddings``, ``norm``, ``output``,
   ``layers.{i}.attention.wq/wk/wv/wo``, ``attention_norm``, ``ffn_norm``, ``feed_forward.gate``,
