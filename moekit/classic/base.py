@@ -181,7 +181,7 @@ class _BaseMixtureOfExperts(BaseEstimator):
     def _run_em(self, X, y, Z1, rng, var_floor):
         branching = self._branching()
         sizes = level_sizes(branching)
-        block = self._make_block(sizes[-1], var_floor)
+        block = self._make_block(sizes[-1], var_floor, rng)
         gates = [np.zeros((sizes[l], Z1.shape[1], b)) for l, b in enumerate(branching)]
         R0 = self._initial_resp(X, y, sizes[-1], rng)
         alive = self._m_step(block, gates, X, y, Z1, aggregate(R0, branching))

@@ -20,12 +20,12 @@ class _ClassificationPart:
     def _experts_spec(self):
         return self.experts
 
-    def _make_block(self, n_leaves: int, var_floor: float):
+    def _make_block(self, n_leaves: int, var_floor: float, rng):
         _number("expert_alpha", self.expert_alpha, low=0.0)
         return make_expert_block(self._experts_spec(), "classification", n_leaves,
                                  n_classes=len(self.classes_), variance="per_expert", var_floor=0.0,
                                  ridge=0.0, expert_alpha=self.expert_alpha, solver=self.gate_solver,
-                                 max_iter=self.gate_max_iter, tol=self._inner_tol())
+                                 max_iter=self.gate_max_iter, tol=self._inner_tol(), rng=rng)
 
     def _fit_classification(self, X, y):
         X, y = validate_data(self, X, y, dtype=np.float64, ensure_min_samples=2)

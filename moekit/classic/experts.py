@@ -69,7 +69,12 @@ class LinearGaussianExperts:
         b = (Xw.T @ y).reshape(K, p1)
         idx = np.arange(p1 - 1)
         A[:, idx, idx] += self.ridge
-        A[:, np.arange(p1), np.arange(p1)] += 1e-12 * (np.trace(A, axis1=1, axis2=2)[:, None] / p1 + 1e-300)
+        # A relative jitter per diagonal entry keeps near-singular systems solvable without biasing
+        # the fit: it scales with each feature's own variance, so changing units changes nothing.
+        # An all-zero column (a constant feature) gets its share of the trace.
+        diag = A[:, np.arange(p1), np.arange(p1)]
+        mean_diag = np.trace(A, axis1=1, axis2=2)[:, None] / p1
+        A[:, np.arange(p1), np.arange(p1)] += 1e-12 * np.where(diag > 0, diag, mean_diag) + 1e-300
         A[~alive] = np.eye(p1)  # dead experts are not refit; keep their systems harmless
         try:
             B = np.linalg.solve(A, b[:, :, None])[:, :, 0]

@@ -104,9 +104,9 @@ class HierarchicalMixtureOfExperts(_ClassificationPart, _RegressionPart, _BaseMi
             return "linear" if self.task == "regression" else "logistic"
         return self.experts
 
-    def _make_block(self, n_leaves: int, var_floor: float):
+    def _make_block(self, n_leaves: int, var_floor: float, rng):
         part = _RegressionPart if self._kind() == "regression" else _ClassificationPart
-        return part._make_block(self, n_leaves, var_floor)
+        return part._make_block(self, n_leaves, var_floor, rng)
 
     def _encode_y(self, y) -> np.ndarray:
         part = _RegressionPart if self._kind() == "regression" else _ClassificationPart

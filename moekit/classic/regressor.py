@@ -19,12 +19,12 @@ class _RegressionPart:
     def _experts_spec(self):
         return self.experts
 
-    def _make_block(self, n_leaves: int, var_floor: float):
+    def _make_block(self, n_leaves: int, var_floor: float, rng):
         _choice("variance", self.variance, ("per_expert", "shared"))
         _number("ridge", self.ridge, low=0.0)
         return make_expert_block(self._experts_spec(), "regression", n_leaves, variance=self.variance,
                                  var_floor=var_floor, ridge=self.ridge, expert_alpha=0.0,
-                                 solver=self.gate_solver, max_iter=self.gate_max_iter)
+                                 solver=self.gate_solver, max_iter=self.gate_max_iter, rng=rng)
 
     def _fit_regression(self, X, y):
         _number("variance_floor", self.variance_floor, low=0.0, strict=True)

@@ -9,7 +9,13 @@ variance re-estimated from its weighted residuals; a classification expert's den
 Safeguard: a refit is kept only if it does not lower the expert's weighted expected
 log-likelihood under the current responsibilities; otherwise the previous fit stays. An arbitrary
 learner need not maximise that quantity (a tree, an SVR), and the safeguard is what keeps the EM
-log-likelihood from decreasing with such experts.
+log-likelihood from decreasing with such experts. An expert whose share of the data cannot be fit
+(no weight at all, or too few samples for e.g. a k-nearest-neighbours expert) keeps its previous
+fit; before it has one, it is fit on all samples.
+
+Seeds: every ``random_state`` parameter of an expert (nested ones included) left at ``None`` is set
+from the mixture's ``random_state``, one seed per expert, so a seeded mixture of random forests or
+trees refits identically.
 """
 
 from __future__ import annotations
@@ -27,13 +33,22 @@ _EPS = 1e-8
 
 
 def _n_params_of(est) -> int | None:
-    """Free parameters of a fitted estimator, where that is well defined (linear models, trees)."""
+    """Free parameters of a fitted estimator, where that is well defined (linear models, trees).
+
+    A linear classifier with one coefficient row per class (multinomial) has one redundant row: the
+    probabilities do not change when the same vector is added to every row, so ``C - 1`` rows count,
+    as for the built-in logistic experts.
+    """
     try:
         coef = est.coef_
     except AttributeError:
         coef = None
     if coef is not None:
-        return int(np.size(coef) + np.size(getattr(est, "intercept_", 0)))
+        coef = np.atleast_2d(np.asarray(coef))
+        rows, p = coef.shape
+        if rows > 1 and rows == len(getattr(est, "classes_", ())):
+            rows -= 1
+        return int(rows * (p + (1 if getattr(est, "fit_intercept", True) else 0)))
     tree = getattr(est, "tree_", None)
     if tree is not None:
         n_out = tree.value.shape[1] * max(tree.value.shape[2] - 1, 1)
@@ -71,16 +86,27 @@ class EstimatorExperts:
         return float(w @ np.log(out[np.arange(len(y)), y]))
 
     def _fit_one(self, k: int, X: np.ndarray, y: np.ndarray, R: np.ndarray):
+        """A refit of expert ``k`` and its outputs on ``X``, or ``None`` to keep the previous fit."""
         est = clone(self.templates[k])
+        weights = np.ascontiguousarray(R[:, k])
         if self.soft_[k]:
-            return est.fit(X, y, sample_weight=np.ascontiguousarray(R[:, k]))
-        mask = R.argmax(axis=1) == k
-        enough = mask.sum() >= 2 and (self.kind == "regression" or np.unique(y[mask]).size >= 2)
-        if not enough:
-            if self.estimators_[k] is not None:
-                return None  # keep the previous fit
-            mask = np.ones(len(y), dtype=bool)  # never fitted and no samples of its own: fit on all
-        return est.fit(X[mask], y[mask])
+            enough = np.count_nonzero(weights > 0) >= 2
+        else:
+            mask = R.argmax(axis=1) == k
+            enough = mask.sum() >= 2 and (self.kind == "regression" or np.unique(y[mask]).size >= 2)
+        if enough:
+            try:
+                if self.soft_[k]:
+                    est.fit(X, y, sample_weight=weights)
+                else:
+                    est.fit(X[mask], y[mask])
+                return est, self._output(est, X)
+            except ValueError:  # e.g. kNN with fewer samples than neighbours
+                pass
+        if self.estimators_[k] is not None:
+            return None  # keep the previous fit
+        est.fit(X, y)  # never fitted and nothing of its own that fits: all samples, equal weights
+        return est, self._output(est, X)
 
     # ---- the block protocol -------------------------------------------------------------------
     def m_step(self, X: np.ndarray, y: np.ndarray, R: np.ndarray, alive: np.ndarray) -> None:
@@ -91,10 +117,10 @@ class EstimatorExperts:
         for k in range(K):
             if not alive[k] and self.estimators_[k] is not None:
                 continue
-            new = self._fit_one(k, X, y, R)
-            if new is None:
+            refit = self._fit_one(k, X, y, R)
+            if refit is None:
                 continue
-            out = self._output(new, X)
+            new, out = refit
             old = self.estimators_[k]
             if old is None or self._score(out, y, R[:, k]) >= self._score(self._cache[:, k], y, R[:, k]):
                 self.estimators_[k] = new
@@ -150,10 +176,20 @@ def _check_estimator(est, kind: str, where: str) -> None:
                              f"{kind} expert needs {' and '.join(needed)}")
 
 
+def _seeded(est, rng):
+    """``est`` with each ``random_state`` parameter that is ``None`` set to a seed drawn from ``rng``."""
+    if rng is None:
+        return est
+    names = sorted(k for k, v in est.get_params(deep=True).items()
+                   if (k == "random_state" or k.endswith("__random_state")) and v is None)
+    return est.set_params(**dict.fromkeys(names, int(rng.randint(2**31 - 1)))) if names else est
+
+
 def make_expert_block(experts, kind: str, n_leaves: int, *, n_classes: int = 0, variance: str,
                       var_floor: float, ridge: float, expert_alpha: float, solver: str, max_iter: int,
-                      tol: float = 1e-7):
-    """Resolve the ``experts=`` parameter into an expert block of ``n_leaves`` experts."""
+                      tol: float = 1e-7, rng=None):
+    """Resolve the ``experts=`` parameter into an expert block of ``n_leaves`` experts (estimators get
+    their unset ``random_state`` from ``rng``)."""
     builtin = "linear" if kind == "regression" else "logistic"
     if isinstance(experts, str):
         if experts != builtin:
@@ -169,10 +205,10 @@ def make_expert_block(experts, kind: str, n_leaves: int, *, n_classes: int = 0, 
                              f"{n_leaves} experts; pass exactly {n_leaves} or a single estimator")
         for i, e in enumerate(experts):
             _check_estimator(e, kind, f"experts[{i}]")
-        estimators = [clone(e) for e in experts]
+        estimators = [_seeded(clone(e), rng) for e in experts]
     elif isinstance(experts, (numbers.Number, np.ndarray)) or experts is None:
         raise TypeError(f"experts must be {builtin!r}, an estimator or a list of estimators; got {experts!r}")
     else:
         _check_estimator(experts, kind, "experts")
-        estimators = [clone(experts) for _ in range(n_leaves)]
+        estimators = [_seeded(clone(experts), rng) for _ in range(n_leaves)]
     return EstimatorExperts(estimators, kind, n_classes=n_classes, variance=variance, var_floor=var_floor)

@@ -198,3 +198,64 @@ def test_classifier_with_tree_experts_and_parameter_count():
     leaves = sum(e.tree_.n_leaves for e in moe.experts_.estimators_)  # one free probability per leaf
     assert moe.n_parameters_ == leaves + 2 * (2 - 1)  # + gate: (1 feature + intercept) x (K - 1)
     assert np.isfinite(moe.aic(X, y))
+
+
+@pytest.mark.parametrize("scale", [1e-6, 1.0, 1e6])
+def test_linear_experts_do_not_depend_on_the_units_of_a_feature(make_two_lines, scale):
+    """The stabilising jitter is relative to each feature's own scale: with ridge=0 the fit is exact
+    weighted least squares in any units (one expert = ordinary least squares)."""
+    X, y = make_two_lines(400, gated=True)
+    ols = LinearRegression().fit(X * scale, y)
+    one = MixtureOfExpertsRegressor(1, random_state=0).fit(X * scale, y)
+    np.testing.assert_allclose(one.experts_.coef_[0] * scale, ols.coef_ * scale, rtol=1e-8)
+    np.testing.assert_allclose(one.experts_.intercept_[0], ols.intercept_, rtol=1e-8)
+    two = MixtureOfExpertsRegressor(2, random_state=0).fit(X * scale, y)
+    ref = MixtureOfExpertsRegressor(2, random_state=0).fit(X, y)
+    np.testing.assert_allclose(two.experts_.coef_ * scale, ref.experts_.coef_, rtol=1e-6)
+    np.testing.assert_allclose(two.experts_.intercept_, ref.experts_.intercept_, rtol=1e-6, atol=1e-9)
+
+
+def test_sklearn_experts_that_cannot_fit_their_share_fall_back():
+    """An expert left without weight (k-means on a binary feature) or with fewer samples than a kNN's
+    neighbours keeps its previous fit, or is fit on all samples before it has one."""
+    rng = np.random.default_rng(0)
+    X = rng.integers(0, 2, (200, 1)).astype(float)
+    y = (rng.uniform(size=200) < 0.3 + 0.4 * X[:, 0]).astype(int)
+    for experts in (LogisticRegression(), DecisionTreeClassifier(max_depth=2)):
+        moe = MixtureOfExpertsClassifier(3, experts=experts, random_state=0).fit(X, y)
+        assert np.allclose(moe.predict_proba(X).sum(axis=1), 1.0)
+    x = rng.uniform(-2, 2, 50)
+    y = np.where(x > 0, 2 * x, -x) + 0.1 * rng.standard_normal(50)
+    for seed in range(5):
+        moe = MixtureOfExpertsRegressor(6, experts=KNeighborsRegressor(), random_state=seed)
+        assert np.isfinite(moe.fit(x[:, None], y).predict(x[:, None])).all()
+
+
+def test_random_state_seeds_stochastic_experts():
+    from sklearn.ensemble import RandomForestRegressor
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(300, 3))
+    y = np.where(X[:, 0] > 0, X[:, 1], -X[:, 2]) + 0.1 * rng.standard_normal(300)
+    forest = RandomForestRegressor(n_estimators=5, max_depth=3)
+    fits = [MixtureOfExpertsRegressor(2, experts=forest, random_state=0).fit(X, y) for _ in range(2)]
+    np.testing.assert_array_equal(fits[0].predict(X), fits[1].predict(X))
+    seeds = [e.random_state for e in fits[0].experts_.estimators_]
+    assert all(isinstance(s, int) for s in seeds) and seeds[0] != seeds[1]  # one seed per expert
+    assert forest.random_state is None  # the user's template is untouched
+    mine = RandomForestRegressor(n_estimators=5, max_depth=3, random_state=7)
+    moe = MixtureOfExpertsRegressor(2, experts=mine, random_state=0).fit(X, y)
+    assert [e.random_state for e in moe.experts_.estimators_] == [7, 7]  # an explicit seed is kept
+
+
+def test_multinomial_sklearn_experts_count_like_the_builtin_ones():
+    """A multinomial LogisticRegression has C coefficient rows but C - 1 free ones."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(400, 3))
+    for n_classes in (2, 3):
+        y = rng.integers(0, n_classes, 400)
+        builtin = MixtureOfExpertsClassifier(2, random_state=0).fit(X, y)
+        wrapped = MixtureOfExpertsClassifier(2, experts=LogisticRegression(), random_state=0).fit(X, y)
+        assert wrapped.n_parameters_ == builtin.n_parameters_ == 2 * (n_classes - 1) * 4 + 4
+    flat = MixtureOfExpertsRegressor(2, experts=LinearRegression(fit_intercept=False), random_state=0)
+    assert flat.fit(X, X[:, 0]).n_parameters_ == 2 * 3 + 2 + 4  # slopes, variances, gate

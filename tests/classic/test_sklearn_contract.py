@@ -11,6 +11,8 @@ import warnings
 
 import pytest
 from sklearn.exceptions import ConvergenceWarning
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.tree import DecisionTreeRegressor
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from moekit.classic import HierarchicalMixtureOfExperts, MixtureOfExpertsClassifier, MixtureOfExpertsRegressor
@@ -22,6 +24,9 @@ ESTIMATORS = [
     MixtureOfExpertsClassifier(**FAST),
     HierarchicalMixtureOfExperts(branching=(2, 2), **FAST),
     HierarchicalMixtureOfExperts(branching=(2, 2), task="classification", **FAST),
+    # scikit-learn experts: hard EM with a kNN (fewer samples than neighbours), soft EM with seeded trees
+    MixtureOfExpertsClassifier(3, experts=KNeighborsClassifier(), **FAST),
+    MixtureOfExpertsRegressor(2, experts=DecisionTreeRegressor(max_depth=3), **FAST),
 ]
 
 
