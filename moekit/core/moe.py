@@ -74,6 +74,12 @@ class MoE(nn.Module):
             raise ValueError(
                 f"MoE input last dim must equal hidden_size={config.hidden_size}, got shape {tuple(x.shape)}"
             )
+        weight_dtype = self.experts.down_proj.dtype
+        if x.dtype != weight_dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(
+                f"MoE input dtype {x.dtype} differs from the layer's weights ({weight_dtype}); cast one "
+                f"to the other (moe.to({x.dtype}) or x.to({weight_dtype})), or run under torch.autocast"
+            )
         x_TD = x.reshape(-1, config.hidden_size)
         num_tokens = x_TD.shape[0]
         # A collective (expert-parallel) dispatcher must join its peers' exchange even with no tokens.

@@ -55,6 +55,19 @@ def test_bad_input_is_rejected_with_the_field_named():
         MoE({"hidden_size": 6})
 
 
+@pytest.mark.parametrize("backend", ["grouped", "reference"])
+def test_input_dtype_must_match_the_weights_outside_autocast(backend):
+    moe = small(backend=backend)
+    x = torch.randn(4, 6, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match=r"input dtype torch.bfloat16 differs .*torch.float32.*autocast"):
+        moe(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, _ = moe(x)
+    assert y.dtype == torch.bfloat16 and y.shape == x.shape
+    y, _ = moe.to(torch.bfloat16)(x)
+    assert y.dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize(
     "overrides,field",
     [
