@@ -83,4 +83,6 @@ def linear_cross_entropy(h_ND: Tensor, w_VD: Tensor, labels_N: Tensor, ignore_in
         0-dim mean loss, float32 (float64 for float64 inputs); nan when every row is ignored, as
         ``F.cross_entropy`` gives.
     """
+    if not torch.is_grad_enabled():  # e.g. validation: the loss only, no gradient buffers
+        h_ND, w_VD = h_ND.detach(), w_VD.detach()
     return _LinearCrossEntropy.apply(h_ND, w_VD, labels_N, ignore_index)

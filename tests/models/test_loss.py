@@ -70,11 +70,22 @@ def test_all_ignored_is_nan_like_cross_entropy():
     assert torch.all(h.grad == 0)
 
 
-def test_without_grad_only_the_loss():
-    h, w = torch.randn(9, 3), torch.randn(5, 3)
+def test_without_grad_only_the_loss(monkeypatch):
+    """Under no_grad (validation) no gradient is formed, even for parameters that require grad."""
+    from moekit.models import loss
+
+    calls, real = [], loss.mm_t
+
+    def counted(a, b):
+        calls.append(1)
+        return real(a, b)
+
+    monkeypatch.setattr(loss, "mm_t", counted)
+    h, w = torch.randn(9, 3, requires_grad=True), torch.randn(5, 3, requires_grad=True)
     labels = torch.randint(0, 5, (9,))
     with torch.no_grad():
         torch.testing.assert_close(linear_cross_entropy(h, w, labels), reference(h, w, labels))
+    assert len(calls) == 1  # the logits only; with grad a second product forms grad_h
 
 
 def loss_and_grads(model, forward, **kwargs):
