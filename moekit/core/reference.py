@@ -99,7 +99,7 @@ def reference_route(
                     biased_TE[t, e] = -math.inf
         _, ids_TK = torch.topk(biased_TE, k, dim=-1)
         weights_TK = scores_TE.gather(1, ids_TK)
-        if config.norm_topk_prob and k > 1:
+        if config.norm_topk_prob:
             weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True)
     else:
         raise ValueError(f"reference_route: unknown router {router!r}")

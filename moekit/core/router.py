@@ -205,7 +205,7 @@ class SigmoidBiasRouter(Router):
             biased_TE = biased_TE.masked_fill(~best_TG.repeat_interleave(self.num_experts // G, 1), -math.inf)
         _, ids_TK = torch.topk(biased_TE, self.top_k, dim=-1)
         weights_TK = scores_TE.gather(1, ids_TK)
-        if self.norm_topk_prob and self.top_k > 1:
+        if self.norm_topk_prob:  # at K = 1 the weight is 1 (as transformers' DeepSeek-V3 router)
             weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
         if self.training:
             with torch.no_grad():

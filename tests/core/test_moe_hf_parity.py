@@ -101,13 +101,14 @@ def test_qwen2_moe_shared_expert_parity():
         assert rel_err(ours(x)[0], hf(x)) <= 1e-5
 
 
-@pytest.mark.parametrize("n_group,topk_group,norm", [(4, 2, True), (1, 1, False)])
-def test_deepseek_v3_block_parity(n_group, topk_group, norm):
+@pytest.mark.parametrize("n_group,topk_group,norm,top_k",
+                         [(4, 2, True, 3), (1, 1, False, 3), (1, 1, True, 1)])
+def test_deepseek_v3_block_parity(n_group, topk_group, norm, top_k):
     """sigmoid_bias + group-limited routing + routed_scaling_factor + an ungated shared expert."""
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
 
     config = transformers.DeepseekV3Config(hidden_size=32, moe_intermediate_size=16, n_routed_experts=8,
-                                           num_experts_per_tok=3, n_group=n_group, topk_group=topk_group,
+                                           num_experts_per_tok=top_k, n_group=n_group, topk_group=topk_group,
                                            n_shared_experts=2, routed_scaling_factor=2.5, norm_topk_prob=norm)
     config._experts_implementation = "eager"
     torch.manual_seed(2)
@@ -115,8 +116,8 @@ def test_deepseek_v3_block_parity(n_group, topk_group, norm):
     for p in hf.parameters():
         torch.nn.init.normal_(p, std=0.2)
     hf.gate.e_score_correction_bias.copy_(torch.linspace(-0.2, 0.3, 8))  # a bias that changes choices
-    ours = MoE(MoEConfig(hidden_size=32, intermediate_size=16, num_experts=8, top_k=3, router="sigmoid_bias",
-                         norm_topk_prob=norm, n_group=n_group, topk_group=topk_group,
+    ours = MoE(MoEConfig(hidden_size=32, intermediate_size=16, num_experts=8, top_k=top_k,
+                         router="sigmoid_bias", norm_topk_prob=norm, n_group=n_group, topk_group=topk_group,
                          routed_scaling_factor=2.5, shared_expert_intermediate_size=32)).eval()
     state = {k.replace("shared_experts.", "shared_expert."): v for k, v in hf.state_dict().items()}
     assert set(ours.state_dict()) == set(state)
