@@ -7,6 +7,7 @@ which always has the same shapes, can be compiled. A batch of prompts is left-pa
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -15,6 +16,7 @@ from torch import Tensor
 from moekit.inference.cache import StaticKVCache
 from moekit.inference.sampling import SamplingConfig, make_generators, sample
 from moekit.kernels import cpu, linear
+from moekit.models.config import ModelConfig
 from moekit.models.model import MoEForCausalLM
 
 TokenCallback = Callable[[int, int], "bool | None"]
@@ -66,6 +68,23 @@ def _check_prompts(model: MoEForCausalLM, prompt_ids: Sequence[Sequence[int]], m
             )
 
 
+def _warn_if_routing_couples_tokens(cfg: ModelConfig) -> None:
+    """Capacity limits and expert choice make a token's experts depend on the other tokens of the
+    forward pass (the batch's rows, padding included, and how the sequence is split into prefill and
+    decode steps), so generate's batch and KV-cache guarantees do not hold for them."""
+    if cfg.num_experts == 0:
+        return
+    how = "expert_choice routing" if cfg.router == "expert_choice" else (
+        f"capacity_factor={cfg.capacity_factor}" if cfg.capacity_factor is not None else None)
+    if how is not None:
+        warnings.warn(
+            f"generate: the MoE layers use {how}, so a token's experts depend on the other tokens of "
+            "each forward pass; a row's continuation depends on the rest of the batch and differs from "
+            "a full recomputation (dropless token-choice routing has neither effect)",
+            UserWarning, stacklevel=3,
+        )
+
+
 @torch.no_grad()
 def generate(
     model: MoEForCausalLM,
@@ -96,6 +115,7 @@ def generate(
         The new tokens of each row (prompts not included), stop token excluded.
     """
     _check_prompts(model, prompt_ids, max_new_tokens)
+    _warn_if_routing_couples_tokens(model.config)
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     cfg = model.config
     if stop_token_ids is None:

@@ -173,3 +173,12 @@ def test_byte_level_stream_equals_final_text():
     assert len(ids) >= 3  # the emoji spans several byte tokens
     assert [row.push(t) for t in ids[:-1]][1:] == [""] * (len(ids) - 2)
     assert "".join([row.push(ids[-1]), row.flush()]).endswith("😀")
+
+
+@pytest.mark.parametrize("kw", [dict(capacity_factor=1.0), dict(router="expert_choice")])
+def test_routing_that_couples_tokens_warns(kw, recwarn):
+    model = make_model(**kw)
+    with pytest.warns(UserWarning, match="a row's continuation depends on the rest of the batch"):
+        generate(model, [[1, 2, 3]], 2)
+    generate(make_model(), [[1, 2, 3]], 2)  # dropless top-k: no warning
+    assert not [w for w in recwarn if "continuation depends" in str(w.message)]
