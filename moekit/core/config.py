@@ -8,7 +8,14 @@ Names follow Hugging Face configs where a name exists there (``num_experts``, ``
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
+
+
+def _is_number(value: object) -> bool:
+    """A real number (NumPy scalars included), not a bool (``True`` is an int in Python)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
 
 ROUTERS = ("topk", "noisy_topk", "switch", "gshard", "expert_choice", "sigmoid_bias")
 BACKENDS = ("reference", "grouped")
@@ -96,17 +103,26 @@ class MoEConfig:
             raise ValueError(f"MoEConfig.top_k must be 2 for router='gshard', got {self.top_k}")
         for name in ("capacity_factor", "eval_capacity_factor"):
             value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise ValueError(f"MoEConfig.{name} must be > 0 or None (dropless), got {value!r}")
+            if value is not None and not (_is_number(value) and 0 < value < math.inf):
+                raise ValueError(
+                    f"MoEConfig.{name} must be a finite number > 0 or None (dropless), got {value!r}"
+                )
         for name in ("router_aux_loss_coef", "router_z_loss_coef", "router_jitter_noise", "bias_update_rate"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"MoEConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if not (_is_number(value) and 0 <= value < math.inf):
+                raise ValueError(f"MoEConfig.{name} must be a finite number >= 0, got {value!r}")
+        if not (_is_number(self.routed_scaling_factor) and 0 < self.routed_scaling_factor < math.inf):
+            value = self.routed_scaling_factor
+            raise ValueError(f"MoEConfig.routed_scaling_factor must be a finite number > 0, got {value!r}")
         if self.router_jitter_noise >= 1:
             raise ValueError(f"MoEConfig.router_jitter_noise must be < 1, got {self.router_jitter_noise!r}")
-        if self.shared_expert_intermediate_size < 0:
+        for name in ("norm_topk_prob", "shared_expert_gate"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"MoEConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        size = self.shared_expert_intermediate_size
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise ValueError(
-                "MoEConfig.shared_expert_intermediate_size must be >= 0 (0 = none), "
-                f"got {self.shared_expert_intermediate_size!r}"
+                f"MoEConfig.shared_expert_intermediate_size must be an int >= 0 (0 = none), got {size!r}"
             )
         if self.shared_expert_gate and self.shared_expert_intermediate_size == 0:
             raise ValueError("MoEConfig.shared_expert_gate needs shared_expert_intermediate_size > 0")
@@ -118,6 +134,10 @@ class MoEConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"MoEConfig.{name} must be an int >= 1, got {value!r}")
         if self.n_group == 1:
+            if self.topk_group != 1:
+                raise ValueError(
+                    f"MoEConfig.topk_group must be 1 without groups (n_group=1), got {self.topk_group}"
+                )
             return
         if self.router != "sigmoid_bias":
             raise ValueError(f"MoEConfig.n_group > 1 (group-limited routing) needs router='sigmoid_bias', "

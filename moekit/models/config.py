@@ -113,6 +113,9 @@ class ModelConfig:
             _check_int(name, getattr(self, name), 1)
         for name in ("num_experts", "first_k_dense_replace", "shared_expert_intermediate_size"):
             _check_int(name, getattr(self, name), 0)
+        for name in ("attention_bias", "tie_word_embeddings", "norm_topk_prob", "shared_expert_gate"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"ModelConfig.{name} must be True or False, got {getattr(self, name)!r}")
         if isinstance(self.qk_norm, bool):  # the boolean form (and run.json files before "head" existed)
             object.__setattr__(self, "qk_norm", "full" if self.qk_norm else None)
         if self.qk_norm not in QK_NORMS:

@@ -56,6 +56,13 @@ def test_round_trip_with_tuple_fields():
     assert ModelConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
 
 
+@pytest.mark.parametrize("name",
+                         ["attention_bias", "tie_word_embeddings", "norm_topk_prob", "shared_expert_gate"])
+def test_switches_must_be_booleans(name):
+    with pytest.raises(ValueError, match=f"ModelConfig.{name} must be True or False, got 'no'"):
+        small(**{name: "no"})
+
+
 def test_qk_norm_values():
     assert small(qk_norm=True).qk_norm == "full" and small(qk_norm=False).qk_norm is None
     old = {**small().to_dict(), "qk_norm": False}  # run.json files written before "head" existed
