@@ -19,7 +19,7 @@ from moekit.core.config import MoEConfig
 from moekit.core.dispatch import Dispatcher
 from moekit.core.experts import Experts, SharedExpert
 from moekit.core.losses import BalanceStats, expert_counts, load_balancing_loss, z_loss
-from moekit.core.router import SigmoidBiasRouter, build_router
+from moekit.core.router import SigmoidBiasRouter, build_router, router_dtype
 from moekit.core.types import MoEOutput, RouterOutput, RoutingInfo
 from moekit.kernels import group_padding
 
@@ -80,7 +80,7 @@ class MoE(nn.Module):
                 f"MoE input dtype {x.dtype} differs from the layer's weights ({weight_dtype}); cast one "
                 f"to the other (moe.to({x.dtype}) or x.to({weight_dtype})), or run under torch.autocast"
             )
-        x_TD = x.reshape(-1, config.hidden_size)
+        x_TD = x.reshape(-1, config.hidden_size).contiguous()  # a no-op unless x is a strided view
         num_tokens = x_TD.shape[0]
         # A collective (expert-parallel) dispatcher must join its peers' exchange even with no tokens.
         if num_tokens == 0 and not getattr(self.dispatcher, "collective", False):
@@ -166,15 +166,20 @@ class MoE(nn.Module):
     def _empty_info(self, x: Tensor) -> RoutingInfo:
         num_experts = self.config.num_experts
         top_k = num_experts if self.config.router == "expert_choice" else self.config.top_k
-        zero = self.gate.weight.sum().float() * 0
+        dtype = router_dtype(x.dtype)
+        zero = self.gate.weight.sum().to(dtype) * 0  # on the graph: backward over no tokens works
+        names = ["load_balancing", "z"]
+        if self.config.router == "noisy_topk":
+            names += ["importance", "load"]
+        inference = not self.training and not torch.is_grad_enabled()  # as _routing_info: no losses
         return RoutingInfo(
             aux_loss=zero,
-            losses={"load_balancing": zero, "z": zero},
+            losses={} if inference else dict.fromkeys(names, zero),
             tokens_per_expert=torch.zeros(num_experts, dtype=torch.long, device=x.device),
             dropped=torch.zeros((), dtype=torch.long, device=x.device),
-            router_logits=torch.zeros(0, num_experts, device=x.device),
+            router_logits=torch.zeros(0, num_experts, dtype=dtype, device=x.device),
             expert_ids=torch.zeros(0, top_k, dtype=torch.long, device=x.device),
-            expert_weights=torch.zeros(0, top_k, device=x.device),
+            expert_weights=torch.zeros(0, top_k, dtype=dtype, device=x.device),
             kept=torch.zeros(0, top_k, dtype=torch.bool, device=x.device),
         )
 

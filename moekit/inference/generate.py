@@ -7,6 +7,7 @@ which always has the same shapes, can be compiled. A batch of prompts is left-pa
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -59,7 +60,8 @@ def _check_prompts(model: MoEForCausalLM, prompt_ids: Sequence[Sequence[int]], m
     for b, ids in enumerate(prompt_ids):
         if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence) or len(ids) == 0:
             raise ValueError(f"prompt_ids[{b}] must be a non-empty list of token ids")
-        if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < cfg.vocab_size for t in ids):
+        if any(isinstance(t, bool) or not isinstance(t, numbers.Integral) or not 0 <= t < cfg.vocab_size
+               for t in ids):  # Integral: NumPy integers too
             raise ValueError(f"prompt_ids[{b}] holds a token id outside [0, vocab_size={cfg.vocab_size})")
         if len(ids) + max_new_tokens > cfg.max_position_embeddings:
             raise ValueError(

@@ -85,7 +85,11 @@ def sample(logits: Tensor, config: SamplingConfig, generators: list[torch.Genera
     """Next tokens ``(B,)`` int64 from ``logits (B, V)``."""
     if config.greedy:
         return logits.argmax(dim=-1)
-    logits = filter_logits(logits.float() / config.temperature, config.top_k, config.top_p)
+    logits = logits.float()
+    # Shift by the row maximum before dividing: a tiny temperature then drives the others to -inf
+    # (greedy in the limit) instead of overflowing to inf - inf = nan.
+    logits = filter_logits((logits - logits.amax(dim=-1, keepdim=True)) / config.temperature,
+                           config.top_k, config.top_p)
     probs = logits.softmax(dim=-1)
     noise = torch.stack([torch.empty_like(probs[0]).exponential_(generator=g) for g in generators])
     # Filtered tokens (p = 0) can never win, even against a (vanishingly rare) zero noise draw.

@@ -192,13 +192,17 @@ class MoEForCausalLM(nn.Module):
         holds the ``(B, S, V)`` logits; ``logits`` is then ``None``.
         """
         if not isinstance(input_ids, Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
-            raise TypeError("input_ids must be an int64 tensor of shape (batch, seq)")
+            raise TypeError("input_ids must be an int64 (or int32) tensor of shape (batch, seq)")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape (batch, seq), got {tuple(input_ids.shape)}")
         if labels is not None and labels.shape != input_ids.shape:
             raise ValueError(
                 f"labels shape {tuple(labels.shape)} must equal input_ids shape {tuple(input_ids.shape)}"
             )
+        if labels is not None:
+            if labels.dtype not in (torch.int64, torch.int32):
+                raise TypeError(f"labels must be an int64 (or int32) tensor, got dtype {labels.dtype}")
+            labels = labels.long()
         if not return_logits and labels is None:
             raise ValueError("return_logits=False needs labels (it only skips the logits of the loss)")
         hidden, routing = self.model(input_ids, kv_cache=kv_cache, input_pos=input_pos)

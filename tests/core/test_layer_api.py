@@ -41,6 +41,29 @@ def test_zero_tokens_give_an_empty_output(shape, router):
     (y.sum() + info.aux_loss).backward()
 
 
+def test_strided_inputs_give_contiguous_outputs_on_every_path():
+    from moekit.kernels import cpu
+
+    moe = MoE(MoEConfig(hidden_size=16, intermediate_size=8, num_experts=4, top_k=2)).eval()
+    for x in (torch.randn(16, 3).T, torch.randn(1, 1, 16).expand(4, 1, 16), torch.randn(40, 32)[:, ::2]):
+        with torch.no_grad(), cpu.single_threaded_blas():  # the decode (slot) path for small batches
+            y, _ = moe(x)
+        torch.testing.assert_close(y, reference_moe(moe, x.contiguous())[0])
+        assert y.is_contiguous() and y.shape == x.shape
+
+
+def test_zero_tokens_routing_info_is_that_of_a_real_batch():
+    x64 = torch.zeros(0, 6, dtype=torch.float64)
+    for router, training, grad in [("topk", False, False), ("topk", True, True), ("noisy_topk", True, True)]:
+        moe = small(router=router).double().train(training)
+        with torch.set_grad_enabled(grad):
+            empty = moe(x64).routing
+            full = moe(torch.randn(3, 6, dtype=torch.float64)).routing
+        assert set(empty.losses) == set(full.losses), router
+        assert empty.router_logits.dtype == full.router_logits.dtype == torch.float64
+        assert empty.expert_weights.dtype == full.expert_weights.dtype
+
+
 def test_bad_input_is_rejected_with_the_field_named():
     moe = small()
     with pytest.raises(ValueError, match="hidden_size=6"):

@@ -109,6 +109,13 @@ def test_generate_errors(args, match):
         generate(make_model(), *args)
 
 
+def test_numpy_token_ids_are_token_ids():
+    import numpy as np
+
+    model = make_model()
+    assert generate(model, [list(np.array([1, 2, 3]))], 4) == generate(model, [[1, 2, 3]], 4)
+
+
 def word_tokenizer():
     vocab = {w: i for i, w in enumerate(["[UNK]"] + [f"w{i}" for i in range(39)])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))

@@ -46,6 +46,14 @@ def test_greedy_is_argmax():
     assert torch.equal(sample(logits, SamplingConfig(), None), logits.argmax(-1))
 
 
+def test_a_tiny_temperature_is_greedy_not_nan():
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0)) * 30
+    for temperature in (1e-40, 1e-20, 1e-6):
+        cfg = SamplingConfig(temperature=temperature, seed=0)
+        token = sample(logits, cfg, make_generators(cfg, 4, torch.device("cpu")))
+        assert torch.equal(token, logits.argmax(-1)), temperature
+
+
 def test_sample_frequencies_follow_the_softmax():
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
     cfg = SamplingConfig(temperature=1.0, seed=0)

@@ -137,6 +137,18 @@ def test_input_errors():
         model(torch.zeros(1, 33, dtype=torch.long))
     with pytest.raises(TypeError, match="ModelConfig"):
         MoEForCausalLM({"hidden_size": 3})
+    with pytest.raises(TypeError, match="labels must be an int64"):
+        model(torch.zeros(1, 3, dtype=torch.long), labels=torch.zeros(1, 3))
+
+
+def test_int32_ids_and_labels_give_the_int64_loss():
+    model = MoEForCausalLM(cfg())
+    ids = torch.randint(0, 40, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(ids, labels=ids).loss
+        for return_logits in (True, False):
+            got = model(ids.int(), labels=ids.int(), return_logits=return_logits).loss
+            torch.testing.assert_close(got, want)
 
 
 def test_describe_reports_counts_memory_and_flops():
