@@ -16,6 +16,7 @@ keyword arguments of :class:`moekit.models.ModelConfig`; ``*_from_config`` read 
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
@@ -25,8 +26,17 @@ ARCHITECTURES = {
     "qwen3_moe": "Qwen3MoeForCausalLM",
     "olmoe": "OlmoeForCausalLM",
 }
-# rope_theta transformers uses when a config.json names none (MixtralConfig.default_theta; others 10000).
+# What transformers' config classes assume when a config.json leaves a key out (transformers 5.x):
+# rope_theta (MixtralConfig.default_theta; the others 10000), rms_norm_eps, max_position_embeddings.
 _DEFAULT_THETA = {"mixtral": 1e6, "qwen2_moe": 10000.0, "qwen3_moe": 10000.0, "olmoe": 10000.0}
+_DEFAULT_EPS = {"mixtral": 1e-5, "qwen2_moe": 1e-6, "qwen3_moe": 1e-6, "olmoe": 1e-5}
+_DEFAULT_CONTEXT = {"mixtral": 4096 * 32, "qwen2_moe": 32768, "qwen3_moe": 32768, "olmoe": 4096}
+
+
+def _get(hf: dict[str, Any], key: str, default: Any) -> Any:
+    """``hf[key]``, or ``default`` when the key is missing or null."""
+    value = hf.get(key)
+    return default if value is None else value
 
 
 def _require(hf: dict[str, Any], key: str, source: str) -> Any:
@@ -51,29 +61,30 @@ def _rope_theta(hf: dict[str, Any], model_type: str, source: str) -> float:
     """rope_theta from a v5 ``rope_parameters`` dict or a v4 top-level ``rope_theta`` / ``rope_scaling``."""
     params = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or {}
-    rope_type = params.get("rope_type", params.get("type")) or scaling.get("rope_type", scaling.get("type"))
-    if rope_type not in (None, "default"):
-        raise ValueError(
-            f"{source}: rope type {rope_type!r} is not supported by moekit (only the default RoPE)"
-        )
+    for section in (params, scaling):  # both are read: a v5 config may still carry a v4 rope_scaling
+        rope_type = section.get("rope_type", section.get("type"))
+        if rope_type not in (None, "default"):
+            raise ValueError(
+                f"{source}: rope type {rope_type!r} is not supported by moekit (only the default RoPE)"
+            )
     theta = params.get("rope_theta", hf.get("rope_theta"))
     return float(_DEFAULT_THETA[model_type] if theta is None else theta)
 
 
-def _token_id(value: Any, key: str, source: str) -> int | None:
-    if value is None or isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(value, list) and value and all(isinstance(v, int) for v in value):
-        return value[0]  # generation stops on every id in it; see hf_eos_token_ids()
-    raise ValueError(f"{source}: {key} must be an int, a list of ints or null, got {value!r}")
-
-
-def hf_eos_token_ids(hf: dict[str, Any]) -> list[int]:
-    """All end-of-sequence ids of an HF config (``eos_token_id`` may be an int or a list)."""
-    eos = hf.get("eos_token_id")
-    if eos is None:
-        return []
-    return list(eos) if isinstance(eos, list) else [eos]
+def _token_id(value: Any, key: str, source: str, vocab_size: int) -> int | None:
+    """A special token id; ids outside the vocabulary are dropped with a warning (transformers loads
+    such configs too, e.g. ``pad_token_id: -1``). A list (several end-of-sequence ids) gives its
+    first valid id: generation stops on all of them (``moekit.hf.chat.stop_token_ids``)."""
+    ids = value if isinstance(value, list) else [value]
+    if value is None or value == []:
+        return None
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in ids):
+        raise ValueError(f"{source}: {key} must be an int, a list of ints or null, got {value!r}")
+    valid = [v for v in ids if 0 <= v < vocab_size]
+    if len(valid) < len(ids):
+        warnings.warn(f"{source}: {key}={value!r} lies outside the vocabulary ({vocab_size}); "
+                      f"{'ignored' if not valid else f'using {valid[0]}'}", UserWarning, stacklevel=3)
+    return valid[0] if valid else None
 
 
 def hf_to_kwargs(hf: dict[str, Any], source: str = "config.json") -> dict[str, Any]:
@@ -88,6 +99,11 @@ def hf_to_kwargs(hf: dict[str, Any], source: str = "config.json") -> dict[str, A
         raise ValueError(
             f"{source}: unknown model_type {model_type!r}; moekit loads {', '.join(MODEL_TYPES)}"
         )
+    quant = hf.get("quantization_config")
+    if quant:
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
+        raise ValueError(f"{source}: quantized checkpoints (quant_method {method!r}) are not supported; "
+                         "use the unquantized (bf16 / fp16 / fp32) weights")
     act = hf.get("hidden_act", "silu")
     if act != "silu":
         raise ValueError(f"{source}: hidden_act {act!r} is not supported (the SwiGLU experts use 'silu')")
@@ -95,16 +111,17 @@ def hf_to_kwargs(hf: dict[str, Any], source: str = "config.json") -> dict[str, A
     heads = int(_require(hf, "num_attention_heads", source))
     kv_heads = hf.get("num_key_value_heads") or heads
     head_dim = hf.get("head_dim") or d // heads
+    vocab = int(_require(hf, "vocab_size", source))
     kw: dict[str, Any] = {
-        "vocab_size": int(_require(hf, "vocab_size", source)),
+        "vocab_size": vocab,
         "hidden_size": d,
         "num_hidden_layers": int(_require(hf, "num_hidden_layers", source)),
         "num_attention_heads": heads,
         "num_key_value_heads": int(kv_heads),
         "head_dim": int(head_dim),
-        "max_position_embeddings": int(hf.get("max_position_embeddings", 4096)),
+        "max_position_embeddings": int(_get(hf, "max_position_embeddings", _DEFAULT_CONTEXT[model_type])),
         "rope_theta": _rope_theta(hf, model_type, source),
-        "rms_norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
+        "rms_norm_eps": float(_get(hf, "rms_norm_eps", _DEFAULT_EPS[model_type])),
         "sliding_window": None,
         "attention_bias": False,
         "qk_norm": None,
@@ -119,9 +136,9 @@ def hf_to_kwargs(hf: dict[str, Any], source: str = "config.json") -> dict[str, A
         "first_k_dense_replace": 0,
         "mlp_only_layers": (),
         "initializer_range": float(hf.get("initializer_range", 0.02)),
-        "bos_token_id": _token_id(hf.get("bos_token_id"), "bos_token_id", source),
-        "eos_token_id": _token_id(hf.get("eos_token_id"), "eos_token_id", source),
-        "pad_token_id": _token_id(hf.get("pad_token_id"), "pad_token_id", source),
+        "bos_token_id": _token_id(hf.get("bos_token_id"), "bos_token_id", source, vocab),
+        "eos_token_id": _token_id(hf.get("eos_token_id"), "eos_token_id", source, vocab),
+        "pad_token_id": _token_id(hf.get("pad_token_id"), "pad_token_id", source, vocab),
     }
     if model_type == "mixtral":
         f = int(_require(hf, "intermediate_size", source))
@@ -191,10 +208,14 @@ def pick_model_type(cfg: Any) -> str:
     return "mixtral"
 
 
-def _check_exportable(cfg: Any, model_type: str) -> None:
+def _check_exportable(cfg: Any, model_type: str, target: str | None = None) -> None:
+    """Raise ``ValueError`` listing what ``model_type``'s math cannot express (``target`` names the
+    output in the message; default ``HF 'model_type'``)."""
     problems = []
     if cfg.router != "topk":
         problems.append(f"router={cfg.router!r} (HF MoE models use 'topk')")
+    if getattr(cfg, "capacity_factor", None) is not None:
+        problems.append(f"capacity_factor={cfg.capacity_factor} (HF MoE models are dropless)")
     if getattr(cfg, "activation", "swiglu") != "swiglu":
         problems.append(f"activation={cfg.activation!r} (HF experts are SwiGLU)")
     if getattr(cfg, "routed_scaling_factor", 1.0) != 1.0:
@@ -233,7 +254,8 @@ def _check_exportable(cfg: Any, model_type: str) -> None:
     else:
         raise ValueError(f"model_type must be one of {MODEL_TYPES} or None (auto), got {model_type!r}")
     if problems:
-        raise ValueError(f"this model cannot be written as HF {model_type!r}: " + "; ".join(problems))
+        target = target or f"HF {model_type!r}"
+        raise ValueError(f"this model cannot be written as {target}: " + "; ".join(problems))
 
 
 def hf_from_config(cfg: Any, model_type: str | None = None, dtype: str = "float32") -> dict[str, Any]:
@@ -354,7 +376,7 @@ def mistral_to_kwargs(params: dict[str, Any], source: str = "params.json") -> di
 
 def mistral_from_config(cfg: Any) -> dict[str, Any]:
     """Mistral ``params.json`` for a moekit ``ModelConfig`` (Mixtral math only)."""
-    _check_exportable(cfg, "mixtral")
+    _check_exportable(cfg, "mixtral", target="Mistral's layout (Mixtral only)")
     if cfg.tie_word_embeddings:
         raise ValueError("this model cannot be written in Mistral's layout: tie_word_embeddings=True")
     params: dict[str, Any] = {

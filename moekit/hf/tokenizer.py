@@ -13,6 +13,7 @@ is compiled in jinja2's immutable sandbox with the options, filters and globals 
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
@@ -197,6 +198,26 @@ class HFTokenizer:
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
 
+def _add_missing_tokens(tokenizer: Tokenizer, added: dict[str, Any]) -> None:
+    """Add the ``added_tokens_decoder`` entries of ``tokenizer_config.json`` that ``tokenizer.json``
+    lacks (transformers adds them too), in id order; a warning when one does not land on its id."""
+    from tokenizers import AddedToken
+
+    vocab = tokenizer.get_vocab(with_added_tokens=True)
+    for index, entry in sorted(((int(i), e) for i, e in added.items()), key=lambda item: item[0]):
+        content = _token_content(entry)
+        if content is None or content in vocab:
+            continue
+        options = {k: bool(entry[k]) for k in ("single_word", "lstrip", "rstrip", "normalized")
+                   if isinstance(entry, dict) and k in entry}
+        token = AddedToken(content, special=isinstance(entry, dict) and bool(entry.get("special")), **options)
+        (tokenizer.add_special_tokens if token.special else tokenizer.add_tokens)([token])
+        got = tokenizer.token_to_id(content)
+        if got != index:
+            warnings.warn(f"tokenizer_config.json: added token {content!r} should have id {index}; "
+                          f"tokenizer.json's vocabulary gives it {got}", UserWarning, stacklevel=3)
+
+
 def load_tokenizer(path: str | Path) -> HFTokenizer:
     """Load the tokenizer of a checkpoint directory (or hub id in the local cache)."""
     from moekit.hf.resolve import resolve_path
@@ -213,10 +234,15 @@ def load_tokenizer(path: str | Path) -> HFTokenizer:
         tokenizer = Tokenizer.from_file(str(tok_file))
     except Exception as e:  # tokenizers raises a bare Exception on bad files
         raise ValueError(f"{tok_file}: cannot load tokenizer ({e})") from e
-    config: dict[str, Any] = {}
-    for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the later file wins
-        if (root / name).is_file():
-            config.update(read_json_object(root / name))
+    config_file = root / "tokenizer_config.json"
+    config = read_json_object(config_file) if config_file.is_file() else {}
+    added = config.get("added_tokens_decoder")
+    if isinstance(added, dict):
+        _add_missing_tokens(tokenizer, added)
+    elif (root / "special_tokens_map.json").is_file():
+        # As transformers: the legacy special_tokens_map.json is read only when tokenizer_config.json
+        # has no added_tokens_decoder, and then its entries win.
+        config.update(read_json_object(root / "special_tokens_map.json"))
     special = {k: c for k in SPECIAL_TOKEN_KEYS if (c := _token_content(config.get(k))) is not None}
     templates: dict[str, str] = {}
     raw = config.get("chat_template")

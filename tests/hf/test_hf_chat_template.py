@@ -153,3 +153,43 @@ def test_named_templates_and_missing_tokenizer(tmp_path):
     (tmp_path / "none" / "tokenizer.model").write_bytes(b"")
     with pytest.raises(TokenizerNotFoundError, match="tokenizer.json: missing tokenizer file.*sentencepiece"):
         load_tokenizer(tmp_path / "none")
+
+
+def _write_tokenizer_dir(path, config, special_map=None):
+    import json
+
+    path.mkdir()
+    tiny_tokenizer().save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    if special_map is not None:
+        (path / "special_tokens_map.json").write_text(json.dumps(special_map))
+    return path
+
+
+@pytest.mark.parametrize("modern", [False, True])
+def test_special_tokens_map_precedence_like_transformers(tmp_path, modern):
+    """Legacy directories: special_tokens_map.json wins; with added_tokens_decoder it is not read."""
+    template = "{{ bos_token }}{% for m in messages %}{{ m.content }}{{ eos_token }}{% endfor %}"
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "<|im_end|>",
+              "chat_template": template}
+    if modern:
+        config["added_tokens_decoder"] = {"1": {"content": "<s>", "special": True}}
+    path = _write_tokenizer_dir(tmp_path / "tok", config, {"bos_token": "<|im_start|>", "eos_token": "</s>"})
+    theirs, ours = transformers.AutoTokenizer.from_pretrained(path), load_tokenizer(path)
+    messages = [{"role": "user", "content": "Hi"}]
+    assert ours.apply_chat_template(messages) == theirs.apply_chat_template(messages, tokenize=False)
+    assert ours.eos_token_id == theirs.eos_token_id
+
+
+def test_added_tokens_missing_from_tokenizer_json_are_added(tmp_path):
+    vocab = tiny_tokenizer().get_vocab_size()
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "</s>", "chat_template": CHATML,
+              "added_tokens_decoder": {str(vocab): {"content": "<think>", "special": False, "lstrip": False,
+                                                    "rstrip": False, "normalized": False,
+                                                    "single_word": False}}}
+    path = _write_tokenizer_dir(tmp_path / "tok", config)
+    theirs, ours = transformers.AutoTokenizer.from_pretrained(path), load_tokenizer(path)
+    messages = [{"role": "user", "content": "<think>x"}]
+    ids = ours.apply_chat_template(messages, tokenize=True)
+    assert ids == list(theirs.apply_chat_template(messages, tokenize=True, return_dict=False))
+    assert vocab in ids

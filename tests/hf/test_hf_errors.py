@@ -13,7 +13,7 @@ from moekit.hf.config_map import hf_to_kwargs, mistral_to_kwargs
 
 from .builders import tiny_hf
 
-pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")
@@ -154,8 +154,38 @@ def test_pure_config_maps_name_the_problem():
     with pytest.raises(ValueError, match="required key 'num_experts' is missing"):
         hf_to_kwargs(qwen3)
     assert hf_to_kwargs({**qwen3, "num_local_experts": 3})["num_experts"] == 3  # what transformers 5 writes
+    with pytest.raises(ValueError, match="rope type 'linear' is not supported"):  # v5 + a v4 leftover
+        hf_to_kwargs({**base, "rope_parameters": {"rope_type": "default"},
+                      "rope_scaling": {"type": "linear", "factor": 2.0}})
+    with pytest.raises(ValueError, match="quantized checkpoints .quant_method 'fp8'. are not supported"):
+        hf_to_kwargs({**base, "quantization_config": {"quant_method": "fp8"}})
     assert hf_to_kwargs({**base, "rope_theta": 5e5, "eos_token_id": [7, 3]})["rope_theta"] == 5e5
     assert hf_to_kwargs({**base, "eos_token_id": [7, 3]})["eos_token_id"] == 7
     assert parse_size("20KB") == 20_000 and parse_size("1GiB") == 2**30
     with pytest.raises(ValueError, match="max_shard_size must look like"):
         parse_size("lots")
+
+
+
+def test_missing_keys_get_transformers_defaults_per_model_type():
+    """What transformers' config classes assume when config.json leaves rms_norm_eps or
+    max_position_embeddings out (they differ between model types)."""
+    base = dict(hidden_size=8, num_attention_heads=2, vocab_size=10, num_hidden_layers=1,
+                num_experts_per_tok=1, intermediate_size=8, moe_intermediate_size=4)
+    expected = {"mixtral": (1e-5, 131072), "qwen2_moe": (1e-6, 32768), "qwen3_moe": (1e-6, 32768),
+                "olmoe": (1e-5, 4096)}
+    for model_type, (eps, context) in expected.items():
+        experts = {"num_local_experts" if model_type == "mixtral" else "num_experts": 2}
+        kw = hf_to_kwargs({**base, **experts, "model_type": model_type})
+        assert (kw["rms_norm_eps"], kw["max_position_embeddings"]) == (eps, context), model_type
+        cfg = transformers.AutoConfig.for_model(model_type)  # the reference itself
+        assert (cfg.rms_norm_eps, cfg.max_position_embeddings) == (eps, context), model_type
+
+
+def test_special_token_ids_outside_the_vocabulary_are_dropped_with_a_warning():
+    base = dict(model_type="mixtral", hidden_size=8, num_attention_heads=2, vocab_size=10,
+                num_hidden_layers=1, num_experts_per_tok=1, num_local_experts=2, intermediate_size=8)
+    with pytest.warns(UserWarning, match="pad_token_id=-1 lies outside the vocabulary"):
+        assert hf_to_kwargs({**base, "pad_token_id": -1})["pad_token_id"] is None
+    with pytest.warns(UserWarning, match="using 2"):
+        assert hf_to_kwargs({**base, "eos_token_id": [200, 2]})["eos_token_id"] == 2

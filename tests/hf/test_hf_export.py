@@ -48,6 +48,7 @@ def test_unexportable_configs_name_the_reason(tmp_path):
         (dict(router="expert_choice"), "router='expert_choice'"),
         (dict(qk_norm=True, attention_bias=True), "attention bias, shared expert or dense layers"),
         (dict(qk_norm="head", attention_bias=True), "'qwen3_moe'.*attention bias or shared expert"),
+        (dict(capacity_factor=1.25), r"capacity_factor=1.25 \(HF MoE models are dropless\)"),
     ]:
         model = MoEForCausalLM(ModelConfig(**{**BASE, **changes}))
         with pytest.raises(ValueError, match=pattern):

@@ -82,7 +82,7 @@ def test_convert_refuses_same_dir_and_unmappable_models(tmp_path):
     hf.save_pretrained(tmp_path / "olmoe")
     with pytest.raises(ValueError, match="destination other than the source"):
         convert(tmp_path / "olmoe", tmp_path / "olmoe")
-    with pytest.raises(ValueError, match="cannot be written as HF 'mixtral'.*norm_topk_prob"):
+    with pytest.raises(ValueError, match=r"written as Mistral's layout \(Mixtral only\).*norm_topk_prob"):
         convert(tmp_path / "olmoe", tmp_path / "m", to="mistral")
     with pytest.raises(ValueError, match="to must be"):
         convert(tmp_path / "olmoe", tmp_path / "m", to="gguf")
