@@ -7,8 +7,10 @@ that calls the library. Bad input surfaces as ``moekit: error: <message>`` and e
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import re
+import shlex
 import sys
 import time
 from dataclasses import fields
@@ -75,8 +77,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="override any ModelConfig field, e.g. --set num_hidden_layers=2 (repeatable)")
     for flag, name, typ, text in _TRAIN_KNOBS:
         p.add_argument(flag, dest=name, type=typ, default=None, help=f"{text} (default {defaults[name]})")
-    p.add_argument("--compile", dest="compile", action="store_const", const=True, default=None,
-                   help="torch.compile the model for training")
+    p.add_argument("--compile", dest="compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model for training (default off; --no-compile turns it off "
+                        "again on --resume)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--expert-parallel", type=int, default=None, metavar="N",
                    help="split the experts over N ranks of a torchrun job, e.g. `torchrun --nproc-per-node 2 "
@@ -90,18 +93,28 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     changes = {name: getattr(args, name) for _, name, _, _ in _TRAIN_KNOBS if getattr(args, name) is not None}
     if args.compile is not None:
-        changes["compile"] = True
+        changes["compile"] = args.compile
     overrides = _parse_set(args.set)
     for name, value in (("vocab_size", args.vocab_size), ("router_aux_loss_coef", args.aux_loss_coef),
                         ("router_z_loss_coef", args.z_loss_coef)):
         if value is not None:
             overrides[name] = value
     model_config = None
-    if args.preset is not None or overrides or not args.resume:
-        model_config = get_preset(args.preset or "tiny", **overrides)
     if args.resume and args.out is None:
         raise ValueError("--resume needs --out RUN_DIR (the run to continue)")
-    out = args.out or f"runs/{args.preset or 'tiny'}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if args.resume and args.preset is None:
+        if overrides:  # compared with the run's own model, not with a preset
+            from moekit.models import ModelConfig
+            from moekit.train.run import read_run_info
+
+            model_config = ModelConfig.from_dict(read_run_info(args.out)["model_config"]).replace(**overrides)
+    else:
+        model_config = get_preset(args.preset or "tiny", **overrides)
+    out = args.out
+    if out is None:  # runs/<preset>-<time>, with -2, -3, ... when another run started in the same second
+        stem = f"runs/{args.preset or 'tiny'}-{time.strftime('%Y%m%d-%H%M%S')}"
+        out = next(name for n in itertools.count(1)
+                   if not Path(name := stem if n == 1 else f"{stem}-{n}").exists())
     from moekit.distributed.training import resolve_expert_parallel
 
     result = train(out, model_config=model_config, train_changes=changes, data=args.data,
@@ -112,8 +125,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(f"run saved to {result.run_dir} (step {result.step}{loss}{val}; checkpoint {result.checkpoint})")
     if result.interrupted:
         return 130
-    print(f"generate with: moekit generate {result.run_dir} --prompt 'def '")
+    print(f"generate with: moekit generate {shlex.quote(str(result.run_dir))} --prompt 'def '")
     return 0
+
+
+def _top_p_arg(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1] (1 = off), got {text}")
+    return value
 
 
 def _device_arg(name: str) -> str:
@@ -153,7 +173,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per prompt at most")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy")
     p.add_argument("--top-k", type=int, default=50, help="keep the k most likely tokens (0 = all)")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (1 = all)")
+    p.add_argument("--top-p", type=_top_p_arg, default=0.95, help="nucleus sampling mass in (0, 1] (1 = all)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (row b uses seed + b)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")

@@ -128,12 +128,13 @@ def test_errors_are_clear_and_touch_nothing(run_dir, data_dir, tmp_path, capsys)
     assert sorted((str(p), p.stat().st_mtime_ns) for p in run_dir.rglob("*")) == before
     assert not (tmp_path / "o").exists()
     absent = "cuda:99" if torch.cuda.is_available() else "cuda:0"
-    for argv in (["generate", str(run_dir), "--prompt", "x", "--device", "gpu"],
-                 ["analyze", str(run_dir), "--device", absent]):  # argparse: usage + one message
-        with pytest.raises(SystemExit) as exit_info:
+    for argv, message in [(["generate", str(run_dir), "--prompt", "x", "--device", "gpu"], "--device: "),
+                          (["generate", str(run_dir), "--prompt", "x", "--top-p", "1.5"], "--top-p: must be"),
+                          (["analyze", str(run_dir), "--device", absent], "--device: ")]:
+        with pytest.raises(SystemExit) as exit_info:  # argparse: the usage line + one message
             main(argv)
         assert exit_info.value.code == 2
-        assert "argument --device: " in capsys.readouterr().err
+        assert f"argument {message}" in capsys.readouterr().err
 
 
 def test_sigterm_saves_a_checkpoint_and_resume_continues(data_dir, tmp_path, capsys):
@@ -169,3 +170,15 @@ def test_make_run_command_with_fewer_steps(tmp_path):
     assert "corpus stdlib:" in r.stdout and f"run saved to {tmp_path / 'run'}" in r.stdout
     info = json.loads((tmp_path / "run" / "run.json").read_text())
     assert info["model_config"]["hidden_size"] == 256 and info["data"]["source"].startswith("stdlib:")
+
+
+def test_resume_compares_model_flags_with_the_run_and_can_turn_compile_off(data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(data_dir), "--out", str(out), "--max-steps", "1", *MICRO]) == 0
+    # MICRO repeats the run's own --set values; before, they were applied to the tiny preset
+    assert main(["train", "--out", str(out), "--resume", "--max-steps", "2", "--no-compile",
+                 "--set", "hidden_size=32", "--vocab-size", "300", "--no-progress"]) == 0
+    assert "step 2" in capsys.readouterr().out
+    assert json.loads((out / "run.json").read_text())["train_config"]["compile"] is False
+    assert main(["train", "--out", str(out), "--resume", "--max-steps", "3", "--set", "hidden_size=48"]) == 2
+    assert "hidden_size: run has 32, asked for 48" in capsys.readouterr().err

@@ -216,9 +216,12 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     return rows
 
 
-def load_texts(data: str | os.PathLike | None, info: dict[str, Any], max_chars: int) -> tuple[list[str], str]:
+def load_texts(
+    data: str | os.PathLike | None, info: dict[str, Any], max_chars: int, tokenizer: Tokenizer | None = None
+) -> tuple[list[str], str]:
     """Texts to analyse and a description: ``data`` (file, directory or .jsonl), else the run's
-    validation split (re-split from its corpus exactly as training did)."""
+    validation split: its documents decoded from the run's ``data.safetensors`` (the very tokens
+    validation used, wherever the corpus is now; needs the run's ``tokenizer``)."""
     from moekit.train.corpus import load_corpus
 
     if data is not None:
@@ -228,16 +231,25 @@ def load_texts(data: str | os.PathLike | None, info: dict[str, Any], max_chars: 
             if not text.strip():
                 raise ValueError(f"--data {p}: the file has no text")
             return [text[:max_chars]], str(p)
-        corpus = load_corpus(p, val_fraction=0.5, max_train_chars=max_chars, max_val_chars=max_chars)
+        # min_documents=1: a one-file directory or a one-record .jsonl is enough (nothing is split)
+        corpus = load_corpus(p, val_fraction=0.5, max_train_chars=max_chars, max_val_chars=max_chars,
+                             min_documents=1)
         return [d.text for d in corpus.validation + corpus.train], corpus.source
     if info.get("kind") != "run":
         raise ValueError("a Hugging Face checkpoint has no corpus of its own: pass --data PATH")
-    source = info.get("data", {}).get("source", "")
-    tc = info.get("train_config", {})
-    corpus = load_corpus(None if source.startswith("stdlib:") else source,
-                         val_fraction=tc.get("val_fraction", 0.05), max_train_chars=1,
-                         max_val_chars=tc.get("max_val_chars"))
-    return [d.text for d in corpus.validation], f"{corpus.source} (validation split)"
+    from moekit.train.prepare import load_tokens
+
+    ids = load_tokens(info["path"])["validation"]
+    eos = info["model_config"]["eos_token_id"]
+    texts, chars = [], 0
+    for piece in np.split(ids, np.flatnonzero(ids == eos) + 1):  # one document per piece, eos last
+        if chars >= max_chars:
+            break
+        doc = piece[piece != eos]
+        if doc.size:
+            texts.append(tokenizer.decode(doc.tolist(), skip_special_tokens=False))
+            chars += len(texts[-1])
+    return texts, f"{info.get('data', {}).get('source', '?')} (validation split)"
 
 
 def run_analysis(
@@ -263,7 +275,7 @@ def run_analysis(
     if not isinstance(max_tokens, int) or max_tokens < 2:
         raise ValueError(f"max_tokens must be an int >= 2, got {max_tokens!r}")
     model, tokenizer, info = load_model(source, device=device, step=step, show_progress=show_progress)
-    texts, data_desc = load_texts(data, info, max_chars=max_tokens * 16)
+    texts, data_desc = load_texts(data, info, max_chars=max_tokens * 16, tokenizer=tokenizer)
     context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if seq_len is None:
         seq_len = int(info.get("train_config", {}).get("seq_len") or min(context or 512, 512))

@@ -102,8 +102,8 @@ def describe(config: ModelConfig, context: int | None = None) -> str:
         f"heads {c.num_attention_heads}/{c.num_key_value_heads} kv x {c.head_dim}, vocab {c.vocab_size}, "
         f"context {c.max_position_embeddings}, rope theta {c.rope_theta:g}"
         + (f", sliding window {c.sliding_window}" if c.sliding_window else ""),
-        f"experts: {c.num_experts} x (width {c.moe_intermediate_size}), top-{c.top_k}, router {c.router}"
-        + shared
+        (f"experts: {c.num_experts} x (width {c.moe_intermediate_size}), top-{c.top_k}, router {c.router}"
+         + shared if c.num_experts else "experts: none (a dense model)")
         + f"; dense FFN width {c.intermediate_size}; tied head: {c.tie_word_embeddings}",
         f"parameters: total {total:,} ({_human(total)}), active per token {active:,} ({_human(active)}), "
         f"{active / total:.1%} active",

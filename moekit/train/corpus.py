@@ -17,9 +17,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# Directories of the stdlib that are not the standard library's own source.
-_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
-# A single .txt file is cut into documents of about this many characters at line boundaries.
+# Directories of the stdlib that are not the standard library's own source; in --data directories
+# only __pycache__ (and hidden directories) are skipped.
+_STDLIB_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
+_DATA_SKIP_DIRS = frozenset({"__pycache__"})
+# A single .txt file is cut into documents of about this many characters at line boundaries (a
+# longer line is cut inside).
 TXT_CHUNK_CHARS = 2000
 
 
@@ -80,26 +83,31 @@ def _read_text(path: Path) -> str | None:
 
 
 def _jsonl_documents(path: Path, prefix: str) -> Iterator[Document]:
-    with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"--data {path}: line {lineno} is not valid JSON ({err.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ValueError(
-                    f"--data {path}: line {lineno} must be a JSON object with a string field \"text\""
-                )
-            yield Document(f"{prefix}#{lineno}", record["text"])
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"--data {path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    for lineno, line in enumerate(text.split("\n"), start=1):  # JSON Lines: records end at \n only
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--data {path}: line {lineno} is not valid JSON ({err.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise ValueError(
+                f"--data {path}: line {lineno} must be a JSON object with a string field \"text\""
+            )
+        yield Document(f"{prefix}#{lineno}", record["text"])
 
 
 def _txt_documents(text: str, prefix: str) -> Iterator[Document]:
     chunk: list[str] = []
     size = 0
     index = 0
-    for line in text.splitlines(keepends=True):
+    lines = text.splitlines(keepends=True)
+    pieces = (line[i : i + TXT_CHUNK_CHARS] for line in lines for i in range(0, len(line), TXT_CHUNK_CHARS))
+    for line in pieces:
         chunk.append(line)
         size += len(line)
         if size >= TXT_CHUNK_CHARS:
@@ -109,10 +117,10 @@ def _txt_documents(text: str, prefix: str) -> Iterator[Document]:
         yield Document(f"{prefix}#{index}", "".join(chunk))
 
 
-def _walk_files(root: Path, suffixes: tuple[str, ...] | None) -> list[Path]:
+def _walk_files(root: Path, suffixes: tuple[str, ...] | None, skip_dirs: frozenset[str]) -> list[Path]:
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.startswith("."))
+        dirnames[:] = sorted(d for d in dirnames if d not in skip_dirs and not d.startswith("."))
         for name in sorted(filenames):
             if name.startswith("."):
                 continue
@@ -129,11 +137,12 @@ def _split(
     max_train_chars: int | None,
     max_val_chars: int | None,
     source: str,
+    min_documents: int,
 ) -> Corpus:
     """Split ``(name, handle)`` candidates by name hash; ``read(handle)`` gives text or None."""
     ordered = sorted(candidates, key=lambda c: (_doc_hash(c[0]), c[0]))
     n = len(ordered)
-    if n < 2:
+    if n < min_documents:
         raise ValueError(
             f"corpus {source} has {n} document(s); at least 2 are needed to split train/validation "
             "(give more text)"
@@ -155,7 +164,7 @@ def _split(
                 text = text[: budget - used]
             part.append(Document(name, text))
             used += len(text)
-    if not corpus.train or not corpus.validation:
+    if not corpus.train or (not corpus.validation and min_documents > 1):
         raise ValueError(f"corpus {source} is empty: no non-blank text in its train or validation split")
     return corpus
 
@@ -166,6 +175,7 @@ def load_corpus(
     val_fraction: float = 0.05,
     max_train_chars: int | None = None,
     max_val_chars: int | None = None,
+    min_documents: int = 2,
 ) -> Corpus:
     """Load and split a corpus.
 
@@ -178,6 +188,8 @@ def load_corpus(
         val_fraction: share of documents held out for validation, in ``(0, 0.5]``.
         max_train_chars / max_val_chars: character budgets (``None`` = everything); the last
             document taken is truncated to fit.
+        min_documents: 2 for training (one per split at least); 1 for a corpus that is not split
+            (routing analysis), whose one document is then in ``train``.
 
     Raises:
         ValueError: a missing path, no text, fewer than 2 documents, or bad ``.jsonl`` records.
@@ -187,10 +199,11 @@ def load_corpus(
     for name, value in (("max_train_chars", max_train_chars), ("max_val_chars", max_val_chars)):
         if value is not None and value < 1:
             raise ValueError(f"{name} must be >= 1 or None, got {value!r}")
-    kwargs = dict(val_fraction=val_fraction, max_train_chars=max_train_chars, max_val_chars=max_val_chars)
+    kwargs = dict(val_fraction=val_fraction, max_train_chars=max_train_chars, max_val_chars=max_val_chars,
+                  min_documents=min_documents)
     if data is None:
         root = default_corpus_root()
-        files = _walk_files(root, (".py",))
+        files = _walk_files(root, (".py",), _STDLIB_SKIP_DIRS)
         if not files:
             raise ValueError(f"the default corpus {root} (the Python standard library) has no .py files")
         candidates = [(p.relative_to(root).as_posix(), p) for p in files]
@@ -199,11 +212,14 @@ def load_corpus(
     path = Path(data)
     if not path.exists():
         raise ValueError(f"--data {path}: no such file or directory")
+    source = str(path.resolve())  # absolute: a resume or an analysis may run from another directory
     if path.is_dir():
         candidates: list[tuple[str, object]] = []
-        for file in _walk_files(path, None):
+        for file in _walk_files(path, None, _DATA_SKIP_DIRS):
             rel = file.relative_to(path).as_posix()
             if file.suffix == ".jsonl":
+                if _read_text(file) is None:
+                    continue  # binary / not UTF-8, as for other files in a directory
                 candidates.extend((d.name, d) for d in _jsonl_documents(file, rel))
             else:
                 candidates.append((rel, file))  # read lazily in _split; binary files are skipped
@@ -212,8 +228,9 @@ def load_corpus(
             return handle.text if isinstance(handle, Document) else _read_text(handle)
 
         if not candidates:
-            raise ValueError(f"--data {path}: the directory contains no files")
-        return _split(candidates, read, source=str(path), **kwargs)
+            raise ValueError(f"--data {path}: the directory contains no files (hidden files and "
+                             "directories and __pycache__ are skipped)")
+        return _split(candidates, read, source=source, **kwargs)
     if path.suffix == ".jsonl":
         docs = list(_jsonl_documents(path, path.name))
     else:
@@ -223,4 +240,4 @@ def load_corpus(
         docs = list(_txt_documents(text, path.name))
     if not any(d.text.strip() for d in docs):
         raise ValueError(f"--data {path}: the file has no text")
-    return _split([(d.name, d) for d in docs], lambda d: d.text, source=str(path), **kwargs)
+    return _split([(d.name, d) for d in docs], lambda d: d.text, source=source, **kwargs)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import signal
 import threading
 import time
@@ -30,7 +31,7 @@ from moekit.train.checkpoint import save_checkpoint as _save
 from moekit.train.config import TrainConfig, resume_train_config
 from moekit.train.data import TokenStream, validation_batches
 from moekit.train.prepare import load_tokens, prepare_run
-from moekit.train.run import METRICS_FILE, TOKENIZER_FILE, read_run_info, write_run_info
+from moekit.train.run import METRICS_FILE, TOKENIZER_FILE, claim_run_dir, read_run_info, write_run_info
 from moekit.train.tokenizer import load_tokenizer
 
 
@@ -132,12 +133,19 @@ def _append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
 
 
 def _truncate_metrics(run_dir: Path, step: int) -> None:
-    """Drop metrics logged after ``step`` (they belong to steps the resume will recompute)."""
+    """Drop metrics logged after ``step`` (they belong to steps the resume will recompute), and
+    lines that do not parse."""
     file = run_dir / METRICS_FILE
     if not file.is_file():
         return
-    lines = file.read_text(encoding="utf-8").splitlines()
-    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    kept = []
+    for line in file.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # e.g. a line cut short by a crash while it was appended
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line)
     tmp = file.with_name(f".{file.name}.tmp-{os.getpid()}")
     tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
     os.replace(tmp, file)
@@ -196,8 +204,19 @@ def train(
             over ``N`` ranks (see :mod:`moekit.distributed.training`; 1 = data parallel only).
 
     A SIGINT (Ctrl-C) or SIGTERM finishes the current step, saves a checkpoint and returns with
-    ``interrupted=True``.
+    ``interrupted=True``. A one-process run holds ``out/.moekit-lock`` while it runs, so a second
+    ``train`` into the same directory fails at once.
     """
+    args = (out, model_config, train_config, train_changes, data, resume, show_progress, log, on_step,
+            expert_parallel)
+    if expert_parallel:  # a torchrun job: rank 0 prepares and writes, the ranks agree on the directory
+        return _train(*args)
+    with claim_run_dir(out, new=not resume):
+        return _train(*args)
+
+
+def _train(out, model_config, train_config, train_changes, data, resume, show_progress, log, on_step,
+           expert_parallel) -> TrainResult:
     from moekit.models import ModelConfig, MoEForCausalLM, get_preset
 
     out = Path(out)
@@ -216,7 +235,7 @@ def train(
         if model_config is not None:
             _check_same_model(saved_model, model_config)
         model_config = saved_model
-        if data is not None and str(data) != info["data"]["source"]:
+        if data is not None and Path(data).resolve() != Path(info["data"]["source"]).resolve():
             raise ValueError(
                 f"cannot resume: the run was trained on {info['data']['source']}, not on --data {data}"
             )
@@ -224,12 +243,13 @@ def train(
         device = _device(cfg.device)  # before anything is written
         checkpoints = list_checkpoints(out)
         if not checkpoints:
-            raise ValueError(f"cannot resume {out}: it has no checkpoint yet; start a new run instead")
+            raise ValueError(f"cannot resume {out}: it stopped before its first checkpoint; remove the "
+                             "directory and start the run again")
+        if cfg.max_steps <= checkpoints[-1][0]:
+            raise ValueError(f"cannot resume {out}: its newest checkpoint is at step {checkpoints[-1][0]} "
+                             f"and --max-steps is {cfg.max_steps}; give a larger --max-steps to train on")
         tokens = load_tokens(out)
         load_tokenizer(out / TOKENIZER_FILE)  # fail early on a damaged run
-        if main:
-            write_run_info(out, {**{k: v for k, v in info.items() if k not in ("format", "version")},
-                                 "train_config": cfg.to_dict()})
     else:
         cfg = (train_config or TrainConfig()).replace(**(train_changes or {}))
         device = _device(cfg.device)  # before anything is written
@@ -259,7 +279,9 @@ def train(
         restore_rng_state(state["rng"])
         val_loss = state.get("val_loss")
         loss_value = state.get("loss")
-        if main:
+        if main:  # only now that the checkpoint loaded: a failed resume leaves the run as it was
+            write_run_info(out, {**{k: v for k, v in info.items() if k not in ("format", "version")},
+                                 "train_config": cfg.to_dict()})
             _truncate_metrics(out, step)
         log(f"resuming {out} from step {step}")
     fwd = torch.compile(model) if cfg.compile else model
@@ -342,7 +364,8 @@ def train(
             interrupted = True
             if last_saved is None or last_saved[0] != step:
                 last_saved = (step, save(step))
-            log(f"interrupted at step {step}; resume with: moekit train --out {out} --resume")
+            resume_cmd = f"moekit train --out {shlex.quote(str(out))} --resume"
+            log(f"interrupted at step {step}; resume with: {resume_cmd}")
     bar.close()
     if last_saved is None:
         existing = list_checkpoints(out)

@@ -16,7 +16,7 @@ from tokenizers import Tokenizer
 from moekit.train.config import TrainConfig
 from moekit.train.corpus import load_corpus
 from moekit.train.data import _windows, encode_documents
-from moekit.train.run import DATA_FILE, TOKENIZER_FILE, write_run_info
+from moekit.train.run import DATA_FILE, LOCK_FILE, TOKENIZER_FILE, write_run_info
 from moekit.train.tokenizer import PAD_TOKEN, eos_token_id, save_tokenizer, train_tokenizer
 
 
@@ -26,7 +26,7 @@ def check_new_run_dir(out: str | os.PathLike) -> Path:
     if path.exists():
         if not path.is_dir():
             raise ValueError(f"--out {path} exists and is not a directory; choose another --out")
-        if any(path.iterdir()):
+        if any(p.name != LOCK_FILE for p in path.iterdir()):  # the lock: claim_run_dir's, ours
             raise ValueError(
                 f"--out {path} already exists and is not empty; pass --resume to continue that run, "
                 "or choose another --out (nothing was overwritten)"

@@ -11,8 +11,12 @@ Layout::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +26,78 @@ from tokenizers import Tokenizer
 from moekit.train.checkpoint import list_checkpoints, load_checkpoint, write_json_atomic
 from moekit.train.tokenizer import load_tokenizer
 
+LOCK_FILE = ".moekit-lock"
 RUN_FORMAT = "moekit-run"
 RUN_FILE = "run.json"
 TOKENIZER_FILE = "tokenizer.json"
 DATA_FILE = "data.safetensors"
 METRICS_FILE = "metrics.jsonl"
+
+
+def _acquire(lock: Path, out: Path) -> None:
+    """Create ``lock`` (``"pid host"``) exclusively; a lock left by a dead process on this host is
+    taken over, a live one is a ValueError."""
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            owner = lock.read_text(encoding="utf-8", errors="replace").split()
+            pid = int(owner[0]) if owner and owner[0].isdigit() else None
+            host = owner[1] if len(owner) > 1 else "?"
+            if pid is not None and host == socket.gethostname() and not _alive(pid):
+                lock.unlink(missing_ok=True)  # stale: that run died (e.g. kill -9) without cleaning up
+                continue
+            raise ValueError(f"--out {out} is in use by another moekit run (pid {pid} on {host}); wait "
+                             f"for it or choose another --out (if no run is left, delete {lock})") from None
+        with os.fdopen(fd, "w") as handle:
+            handle.write(f"{os.getpid()} {socket.gethostname()}\n")
+        return
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def claim_run_dir(out: str | os.PathLike, new: bool) -> Iterator[Path]:
+    """Hold ``RUN/.moekit-lock`` while this process prepares or trains the run in ``out``, so that a
+    second ``moekit train`` on the same directory fails at once instead of mixing two runs' files.
+
+    ``new``: create ``out`` (it must be absent or empty); if the body fails before ``run.json`` is
+    written (a bad corpus, Ctrl-C during preparation), the directory is removed again when this
+    call created it.
+    """
+    path = Path(out)
+    if not new and not path.is_dir():  # not a run at all: the caller's checks say so
+        yield path
+        return
+    if new and path.exists() and not path.is_dir():
+        raise ValueError(f"--out {path} exists and is not a directory; choose another --out")
+    created = new and not path.exists()
+    if new:
+        path.mkdir(parents=True, exist_ok=True)
+    lock = path / LOCK_FILE
+    try:
+        _acquire(lock, path)
+    except BaseException:
+        if created:
+            path.rmdir()
+        raise
+    try:
+        yield path
+    except BaseException:
+        if created and not (path / RUN_FILE).exists():
+            lock.unlink(missing_ok=True)
+            shutil.rmtree(path, ignore_errors=True)
+        raise
+    finally:
+        lock.unlink(missing_ok=True)
 
 
 def write_run_info(run_dir: str | os.PathLike, info: dict[str, Any]) -> None:
@@ -50,6 +121,9 @@ def read_run_info(run_dir: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{path} is not a moekit run: {RUN_FILE} is not valid JSON") from None
     if not isinstance(info, dict) or info.get("format") != RUN_FORMAT:
         raise ValueError(f"{path} is not a moekit run: {RUN_FILE} lacks the format marker {RUN_FORMAT!r}")
+    missing = [k for k in ("model_config", "train_config", "data") if not isinstance(info.get(k), dict)]
+    if missing:
+        raise ValueError(f"{path / RUN_FILE} is damaged: it lacks {', '.join(missing)}")
     return info
 
 

@@ -66,6 +66,33 @@ def test_cli_analyze_default_data(tiny_run, capsys):
     assert saved["overall"]["tokens"] == 512
 
 
+def test_default_texts_are_the_runs_validation_documents(tiny_run, tmp_path, monkeypatch):
+    """Decoded from the run's data.safetensors: the same documents training validated on, even when
+    the corpus has moved and analyze runs from another directory."""
+    from moekit.analysis.analyze import load_model, load_texts
+    from moekit.train.corpus import load_corpus
+
+    _, tokenizer, info = load_model(tiny_run / "run")
+    corpus = load_corpus(tiny_run / "data", val_fraction=0.2, max_train_chars=1, max_val_chars=4_000)
+    monkeypatch.chdir(tmp_path)
+    (tiny_run / "data").rename(tiny_run / "moved")
+    try:
+        texts, desc = load_texts(None, info, max_chars=10**6, tokenizer=tokenizer)
+    finally:
+        (tiny_run / "moved").rename(tiny_run / "data")
+    assert texts == [d.text for d in corpus.validation] and desc.endswith("(validation split)")
+
+
+def test_one_document_is_enough_to_analyse(tiny_run, tmp_path):
+    from moekit.analysis.analyze import load_texts
+
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "a.py").write_text(TEXT)
+    (tmp_path / "one.jsonl").write_text(json.dumps({"text": TEXT}) + "\n")
+    for data in (tmp_path / "one", tmp_path / "one.jsonl"):
+        assert load_texts(data, {}, max_chars=10**6)[0] == [TEXT]
+
+
 def test_run_analysis_with_data_file(tiny_run):
     src = tiny_run / "data" / "file03.py"
     analysis, report = run_analysis(tiny_run / "run", data=src, out_dir=tiny_run / "report_file",

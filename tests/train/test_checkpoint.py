@@ -101,3 +101,26 @@ def test_damaged_token_streams_are_named(tmp_path):
     (tmp_path / "data.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
     with pytest.raises(ValueError, match="data.safetensors is damaged .*cannot be resumed"):
         load_tokens(tmp_path)
+
+
+def test_a_run_directory_in_use_is_refused_and_a_stale_lock_taken_over(tmp_path):
+    import os
+    import socket
+
+    from moekit.train.run import LOCK_FILE, claim_run_dir
+
+    out = tmp_path / "run"
+    with claim_run_dir(out, new=True):
+        assert (out / LOCK_FILE).read_text().split() == [str(os.getpid()), socket.gethostname()]
+        busy = pytest.raises(ValueError, match="is in use by another moekit run")
+        with busy, claim_run_dir(out, new=False):
+            pass
+        (out / "run.json").write_text("{}")  # the run got written: kept after the lock is released
+    assert not (out / LOCK_FILE).exists() and (out / "run.json").exists()
+    (out / LOCK_FILE).write_text(f"{2**22 + 12345} {socket.gethostname()}\n")  # a dead process's lock
+    with claim_run_dir(out, new=False):
+        assert (out / LOCK_FILE).read_text().split()[0] == str(os.getpid())
+    fresh = tmp_path / "fresh"
+    with pytest.raises(KeyboardInterrupt), claim_run_dir(fresh, new=True):
+        raise KeyboardInterrupt  # e.g. Ctrl-C while the corpus is prepared: nothing is left behind
+    assert not fresh.exists()

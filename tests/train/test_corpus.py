@@ -66,6 +66,7 @@ def test_txt_file_is_chunked_and_jsonl_file(tmp_path):
         (lambda p: (p / "one.txt").write_text("short") and p / "one.txt", "at least 2"),
         (lambda p: (p / "x.jsonl").write_text('{"body": "a"}\n') and p / "x.jsonl", '"text"'),
         (lambda p: (p / "y.jsonl").write_text("not json\n") and p / "y.jsonl", "not valid JSON"),
+        (lambda p: (p / "l.jsonl").write_bytes(b"\xe9\n") and p / "l.jsonl", r"l.jsonl: not UTF-8 text"),
     ],
 )
 def test_bad_data_gives_clear_errors(tmp_path, setup, message):
@@ -84,3 +85,29 @@ def test_directory_of_only_binary_files_is_empty(tmp_path):
 def test_bad_arguments(kwargs):
     with pytest.raises(ValueError):
         load_corpus(**kwargs)
+
+
+def test_one_long_line_is_cut_into_documents(tmp_path):
+    one = tmp_path / "oneline.txt"
+    one.write_text("word " * 20_000, encoding="utf-8")  # 100k characters, no line break
+    c = load_corpus(one)
+    assert c.num_documents == 50 and c.train_chars + c.validation_chars == 100_000
+
+
+def test_user_directories_keep_package_folders_and_skip_undecodable_jsonl(tmp_path):
+    """site-packages / dist-packages are skipped only in the stdlib corpus, not in --data."""
+    for folder in ("site-packages", "dist-packages", "__pycache__", ".git"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "a.txt").write_text(f"text in {folder}\n")
+    (tmp_path / "latin.jsonl").write_bytes(b'{"text": "caf\xe9"}\n')  # not UTF-8: skipped like a binary
+    c = load_corpus(tmp_path, val_fraction=0.5)
+    names = {d.name for d in c.train + c.validation}
+    assert names == {"site-packages/a.txt", "dist-packages/a.txt"}
+
+
+def test_source_is_absolute(tmp_path, monkeypatch):
+    (tmp_path / "d").mkdir()
+    for i in range(3):
+        (tmp_path / "d" / f"{i}.txt").write_text(f"text {i}\n")
+    monkeypatch.chdir(tmp_path)
+    assert load_corpus("d/").source == str(tmp_path / "d")

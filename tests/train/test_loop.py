@@ -85,8 +85,28 @@ def test_resume_errors(tmp_path, text_dir):
         train(tmp_path / "run", resume=True, train_changes={"batch_size": 3}, show_progress=False)
     with pytest.raises(ValueError, match="trained on"):
         train(tmp_path / "run", resume=True, data=tmp_path, show_progress=False)
+    with pytest.raises(ValueError, match="newest checkpoint is at step 2 and --max-steps is 2"):
+        train(tmp_path / "run", resume=True, show_progress=False)  # nothing left to train
+    damaged = list_checkpoints(tmp_path / "run")[-1][1] / "optimizer.json"
+    damaged.write_text("{")
+    before[damaged] = b"{"
+    with pytest.raises(ValueError, match="is damaged"):  # a failed resume leaves run.json as it was
+        train(tmp_path / "run", resume=True, train_changes={"max_steps": 4}, show_progress=False)
     after = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
     assert after == before  # nothing overwritten
+
+
+def test_resume_accepts_the_data_path_spelled_otherwise_and_a_torn_metrics_line(tmp_path, text_dir,
+                                                                               monkeypatch):
+    _run(tmp_path / "run", text_dir, train_config=micro_train(max_steps=2))
+    with (tmp_path / "run" / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 5, "split": "tr')  # a line cut short by a crash
+    monkeypatch.chdir(tmp_path)
+    result = train("run", resume=True, data=f"{text_dir.name}/", train_changes={"max_steps": 3},
+                   show_progress=False, log=lambda s: None)
+    assert result.step == 3
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert all(json.loads(line)["step"] <= 3 for line in lines)
 
 
 def test_data_errors_write_nothing(tmp_path):
