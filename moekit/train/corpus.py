@@ -143,10 +143,8 @@ def _split(
     ordered = sorted(candidates, key=lambda c: (_doc_hash(c[0]), c[0]))
     n = len(ordered)
     if n < min_documents:
-        raise ValueError(
-            f"corpus {source} has {n} document(s); at least 2 are needed to split train/validation "
-            "(give more text)"
-        )
+        need = "at least 2 are needed to split train/validation" if min_documents > 1 else "one is needed"
+        raise ValueError(f"corpus {source} has {n} document(s); {need} (give more text)")
     n_val = min(n - 1, max(1, round(n * val_fraction)))
     corpus = Corpus(source=source, num_documents=n)
     for part, items, budget in (

@@ -41,7 +41,11 @@ def _acquire(lock: Path, out: Path) -> None:
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            owner = lock.read_text(encoding="utf-8", errors="replace").split()
+            try:
+                owner = lock.read_text(encoding="utf-8", errors="replace").split()
+            except FileNotFoundError:
+                continue  # released in the meantime
+            # (an empty lock: its owner is between creating and writing it, so it is alive)
             pid = int(owner[0]) if owner and owner[0].isdigit() else None
             host = owner[1] if len(owner) > 1 else "?"
             if pid is not None and host == socket.gethostname() and not _alive(pid):
@@ -56,11 +60,11 @@ def _acquire(lock: Path, out: Path) -> None:
 
 def _alive(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # exists, owned by another user
+        pass
     return True
 
 
