@@ -3,9 +3,10 @@
 Prints, per batch size: the matmul-only floor (the projections, the experts the step must touch and
 the head, nothing else, each through moekit's fastest product here, ``moekit.kernels.linear``),
 moekit's ``decode_one_token``, the same step with every MoE layer replaced by the identity (so the
-MoE share), transformers' ``generate`` CPU time per new token (same weights), and top-level aten ops
-per step; then ``moekit.MoE`` against transformers' ``MixtralSparseMoeBlock``
-at decode sizes T = 1..16.
+MoE share), transformers' ``generate`` CPU time per new token (same weights; its 32-token prefill
+included, ~7% of it here, so that column is a little above HF's own decode step), and top-level
+aten ops per new token; then ``moekit.MoE`` against transformers' ``MixtralSparseMoeBlock`` at
+decode sizes T = 1..16. No options.
 
     .venv/bin/python bench/generate_breakdown.py
 """
@@ -77,7 +78,7 @@ def main() -> None:
     print("per decode step, CPU ms (one thread)")
     print(
         f"{'batch':>5} {'matmul floor':>13} {'moekit step':>12} {'w/o MoE':>8} {'MoE share':>10} "
-        f"{'HF grouped_mm':>14} {'ops moekit':>11} {'ops HF':>7}"
+        f"{'HF grouped_mm per new token':>28} {'ops moekit':>11} {'ops HF':>7}"
     )
     # As generate() does: numpy's OpenBLAS on one thread (the matrix-vector path of moekit.kernels.cpu).
     with torch.no_grad(), cpu.single_threaded_blas():
@@ -107,7 +108,7 @@ def main() -> None:
                 counts.append(sum(1 for e in prof.events() if e.cpu_parent is None) / new)
             print(
                 f"{batch:>5} {floor * 1e3:>13.2f} {full * 1e3:>12.2f} {no_moe * 1e3:>8.2f} "
-                f"{(full - no_moe) / full:>10.0%} {hf_step * 1e3:>14.2f} {counts[0]:>11.0f} {counts[1]:>7.0f}"
+                f"{(full - no_moe) / full:>10.0%} {hf_step * 1e3:>28.2f} {counts[0]:>11.0f} {counts[1]:>7.0f}"
             )
 
         import transformers

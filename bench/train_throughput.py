@@ -55,17 +55,20 @@ def make_step(name: str, model: torch.nn.Module, device: str):
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else None
 
     def step(batch: torch.Tensor) -> float:
+        """One optimizer step; returns the language-model loss (without the router aux loss, whose
+        normalisation differs: transformers' is top_k times moekit's, over all layers' tokens at once)."""
         with autocast if autocast is not None else torch.autocast("cpu", enabled=False):
             if name == "moekit":
                 out = model(batch, labels=batch, return_logits=False)
-                loss = out.loss + out.aux_loss
+                loss, lm_loss = out.loss + out.aux_loss, out.loss
             else:
-                loss = model(input_ids=batch, labels=batch).loss  # includes the router aux loss
+                out = model(input_ids=batch, labels=batch)  # .loss includes coef * aux_loss
+                loss, lm_loss = out.loss, out.loss - model.config.router_aux_loss_coef * out.aux_loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss.detach())
+        return float(lm_loss.detach())
 
     return step
 
@@ -116,7 +119,8 @@ def main() -> None:
           "V=4096), "
           f"batch {args.batch} x seq {args.seq}, AdamW, {args.rounds} rounds x {args.steps} steps")
     first = {name: step(batches[0]) for name, step in steps.items()}  # warm-up; same weights -> same loss
-    print("first-step loss: " + ", ".join(f"{k} {v:.4f}" for k, v in first.items()))
+    print("first-step language-model loss (same weights, so equal): "
+          + ", ".join(f"{k} {v:.4f}" for k, v in first.items()))
     rates: dict[str, list[float]] = {name: [] for name in steps}
     tokens = args.batch * args.seq * args.steps
     for r in range(args.rounds):

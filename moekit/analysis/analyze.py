@@ -141,7 +141,8 @@ def analyze_model(
     analysis = Analysis(records, per_layer, overall_metrics(per_layer), detail,
                         sample_pieces=list(windows.sample_pieces))
     for n in detail:
-        analysis.specialization[n] = top_tokens(records[n].token_expert, decode, k=top_k_tokens)
+        analysis.specialization[n] = top_tokens(records[n].token_expert, decode, k=top_k_tokens,
+                                                token_counts_V=records[n].token_counts)
     if windows.python_documents:
         for n in names:
             table = records[n].category_expert

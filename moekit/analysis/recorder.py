@@ -65,6 +65,7 @@ class LayerRecord:
         coselection ``(E, E)``: tokens choosing both experts; diagonal = tokens choosing each.
         consecutive: ``(pairs, same_first, share_any)`` counts over neighbouring tokens.
         token_expert ``(E, V)`` int32: how often each token id was routed to each expert (any slot).
+        token_counts ``(V,)``: how often each token id occurred (once per occurrence, not per slot).
         category_expert ``(C, E)``: token category (``specialization.CATEGORIES``) x first choice.
         sample_first: first choices of the first ``sample_tokens`` tokens seen.
     """
@@ -86,6 +87,7 @@ class LayerRecord:
     first_counts: np.ndarray = field(init=False)
     coselection: np.ndarray = field(init=False)
     token_expert: np.ndarray = field(init=False)
+    token_counts: np.ndarray = field(init=False)
     category_expert: np.ndarray = field(init=False)
     sample_first: list[int] = field(default_factory=list)
 
@@ -96,6 +98,7 @@ class LayerRecord:
         self.first_counts = np.zeros(E, dtype=np.int64)
         self.coselection = np.zeros((E, E), dtype=np.int64)
         self.token_expert = np.zeros((E, 0), dtype=np.int32)  # E x V: int32 halves the largest table
+        self.token_counts = np.zeros(0, dtype=np.int64)
         self.category_expert = np.zeros((len(CATEGORIES), E), dtype=np.int64)
         self._res_ids = np.full((self.reservoir_size, self.top_k), -1, dtype=np.int64)
         self._res_first = np.full(self.reservoir_size, -1, dtype=np.int64)
@@ -141,19 +144,22 @@ class LayerRecord:
         self._reservoir_add(ids_TK, first_T)
 
     def _add_tokens(self, ids_TK: np.ndarray, token_ids_T: np.ndarray) -> None:
-        tok = np.broadcast_to(token_ids_T.astype(np.int64)[:, None], ids_TK.shape)[ids_TK >= 0]
+        token_ids_T = token_ids_T.astype(np.int64)
+        tok = np.broadcast_to(token_ids_T[:, None], ids_TK.shape)[ids_TK >= 0]
         exp = ids_TK[ids_TK >= 0]
-        if tok.size == 0:
+        if token_ids_T.size == 0:
             return
-        if tok.min() < 0:
-            raise ValueError(f"token ids must be >= 0, got {int(tok.min())}")
+        if token_ids_T.min() < 0:
+            raise ValueError(f"token ids must be >= 0, got {int(token_ids_T.min())}")
         V = self.token_expert.shape[1]
-        need = int(tok.max()) + 1
+        need = int(token_ids_T.max()) + 1
         if need > V:  # grow geometrically; the table is bounded by E x vocabulary size
             grown = np.zeros((self.num_experts, max(need, 2 * V)), dtype=np.int32)
             grown[:, :V] = self.token_expert
             self.token_expert = grown
+            self.token_counts = np.concatenate([self.token_counts, np.zeros(grown.shape[1] - V, np.int64)])
         V = self.token_expert.shape[1]
+        self.token_counts += np.bincount(token_ids_T, minlength=V)
         counts = np.bincount(exp * V + tok, minlength=self.num_experts * V).reshape(-1, V)
         self.token_expert += counts.astype(np.int32)
 
@@ -295,7 +301,8 @@ class RoutingRecorder:
             ids = info.expert_ids.detach().cpu().numpy().astype(np.int64)
             weights = info.expert_weights.detach().float().cpu().numpy()
             log_p = info.router_logits.detach().double().log_softmax(-1)
-            ent = -(log_p.exp() * log_p).sum(-1).cpu().numpy()  # gate entropy per token (nats)
+            # gate entropy per token (nats); entr(p) = -p log p with 0 log 0 = 0 (masked, -inf logits)
+            ent = torch.special.entr(log_p.exp()).sum(-1).cpu().numpy()
             kept = info.tokens_per_expert.detach().cpu().numpy()
             dropped = int(info.dropped.detach().cpu())
         T = ids.shape[0]

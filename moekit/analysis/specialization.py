@@ -145,18 +145,23 @@ def top_tokens(
     decode: Callable[[int], str],
     k: int = 10,
     min_count: int = 5,
+    token_counts_V: Any = None,
 ) -> list[dict[str, list[tuple[str, float]]]]:
     """Per expert, its ``k`` most frequent tokens and its ``k`` most distinctive ones.
 
     Returns one dict per expert: ``frequent`` = ``[(token, share of the expert's slots)]`` and
     ``distinctive`` = ``[(token, lift)]`` where lift = P(expert | token) / P(expert), among tokens
     seen at least ``min_count`` times (tokens an expert takes far more often than average), ties
-    broken by count.
+    broken by count. ``token_counts_V``: occurrences per token id (``LayerRecord.token_counts``);
+    without it a token's routed slots are counted, K per occurrence under top-K routing.
     """
     te = np.asarray(token_expert_EV, dtype=np.float64)
     if te.ndim != 2:
         raise ValueError(f"token_expert_EV must be 2-D (E, V), got shape {te.shape}")
     per_token = te.sum(axis=0)
+    seen = per_token
+    if token_counts_V is not None:
+        seen = np.asarray(token_counts_V, dtype=np.float64)[: te.shape[1]]
     per_expert = te.sum(axis=1)
     total = te.sum()
     out = []
@@ -166,7 +171,7 @@ def top_tokens(
         frequent = [(decode(v), float(row[v] / per_expert[e])) for v in freq_ids]
         distinctive: list[tuple[str, float]] = []
         if per_expert[e] > 0:
-            ok = per_token >= min_count
+            ok = seen >= min_count
             with np.errstate(divide="ignore", invalid="ignore"):
                 lift = np.where(ok, (row / np.maximum(per_token, 1)) / (per_expert[e] / total), -np.inf)
             for v in np.lexsort((-row, -lift))[:k]:  # by lift, ties by count

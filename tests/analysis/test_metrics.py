@@ -162,3 +162,24 @@ def test_bad_input_raises_value_error_naming_the_field():
         M.dead_experts([1, 2], min_fraction=-1)
     with pytest.raises(ValueError, match="at least one layer"):
         M.overall_metrics([])
+
+
+def test_gate_entropy_of_masked_logits_is_finite():
+    from moekit.analysis.metrics import gate_entropy
+
+    logits = np.array([[0.0, 1.0, -np.inf, -np.inf], [0.0, 0.0, 0.0, 0.0]])
+    p = np.exp([0.0, 1.0]) / np.exp([0.0, 1.0]).sum()
+    np.testing.assert_allclose(gate_entropy(logits), [-(p * np.log(p)).sum(), np.log(4)])
+
+
+def test_distinctive_tokens_need_min_count_occurrences_not_slots():
+    from moekit.analysis.specialization import top_tokens
+
+    te = np.zeros((2, 3))
+    te[:, 0] = 3  # token 0: 3 occurrences, top-2 -> 3 slots on each expert
+    te[0, 1], te[1, 2] = 50, 50
+    names = lambda v: f"t{v}"  # noqa: E731
+    with_counts = top_tokens(te, names, min_count=5, token_counts_V=np.array([3, 50, 50]))
+    assert all("t0" not in dict(e["distinctive"]) for e in with_counts)
+    slots_only = top_tokens(te, names, min_count=5)  # 6 slots >= 5: counted without occurrences
+    assert any("t0" in dict(e["distinctive"]) for e in slots_only)

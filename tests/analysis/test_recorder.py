@@ -56,6 +56,8 @@ def test_streaming_aggregates_equal_one_shot_metrics(batches, moe, make_toy):
                 ref[e, t] += 1
         np.testing.assert_array_equal(r.token_expert[:, :50], ref)
         assert r.token_expert[:, 50:].sum() == 0
+        np.testing.assert_array_equal(r.token_counts[:50], np.bincount(tokens, minlength=50))
+        assert r.token_counts.shape == (r.token_expert.shape[1],)
         assert r.sample_first == first[:40].tolist()
         res_ids, res_first = r.reservoir()
         assert res_ids.shape == (64, K) and set(res_first.tolist()) <= set(first.tolist())
