@@ -44,17 +44,19 @@ _TRAIN_KNOBS: list[tuple[str, str, Any, str]] = [
 ]
 
 
-def _parse_set(items: list[str]) -> dict[str, Any]:
-    overrides: dict[str, Any] = {}
+def parse_key_values(items: list[str], flag: str, what: str, key_ok: Any = bool) -> dict[str, Any]:
+    """``KEY=VALUE`` flag items -> ``{KEY: VALUE}``, VALUE read as JSON when it parses, else as text;
+    an item without ``=`` or whose key fails ``key_ok`` is a ValueError naming ``flag`` and ``what``."""
+    out: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set expects KEY=VALUE (a ModelConfig field), got {item!r}")
+        if not sep or not key_ok(key):
+            raise ValueError(f"{flag} expects KEY=VALUE {what}, got {item!r}")
         try:
-            overrides[key] = json.loads(raw)
+            out[key] = json.loads(raw)
         except json.JSONDecodeError:
-            overrides[key] = raw
-    return overrides
+            out[key] = raw
+    return out
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -94,7 +96,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     changes = {name: getattr(args, name) for _, name, _, _ in _TRAIN_KNOBS if getattr(args, name) is not None}
     if args.compile is not None:
         changes["compile"] = args.compile
-    overrides = _parse_set(args.set)
+    overrides = parse_key_values(args.set, "--set", "(a ModelConfig field)")
     for name, value in (("vocab_size", args.vocab_size), ("router_aux_loss_coef", args.aux_loss_coef),
                         ("router_z_loss_coef", args.z_loss_coef)):
         if value is not None:

@@ -89,14 +89,14 @@ def reference_route(
         scores_TE = torch.sigmoid(logits_TE)
         biased_TE = scores_TE + gate.e_score_correction_bias.to(scores_TE.dtype)
         size = config.num_experts // config.n_group
-        groups_limit = config.n_group > 1  # then the experts outside a token's best groups drop out
-        for t in range(biased_TE.shape[0] if groups_limit else 0):
-            row = biased_TE[t].tolist()
-            group_score = [sum(sorted(row[g * size:(g + 1) * size])[-2:]) for g in range(config.n_group)]
-            best = sorted(range(config.n_group), key=lambda g: -group_score[g])[:config.topk_group]
-            for e in range(config.num_experts):
-                if e // size not in best:
-                    biased_TE[t, e] = -math.inf
+        if config.n_group > 1:  # group-limited: the experts outside a token's best groups drop out
+            for t in range(biased_TE.shape[0]):
+                row = biased_TE[t].tolist()
+                group_score = [sum(sorted(row[g * size:(g + 1) * size])[-2:]) for g in range(config.n_group)]
+                best = sorted(range(config.n_group), key=lambda g: -group_score[g])[:config.topk_group]
+                for e in range(config.num_experts):
+                    if e // size not in best:
+                        biased_TE[t, e] = -math.inf
         _, ids_TK = torch.topk(biased_TE, k, dim=-1)
         weights_TK = scores_TE.gather(1, ids_TK)
         if config.norm_topk_prob:

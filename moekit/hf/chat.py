@@ -176,17 +176,12 @@ _RESERVED_VARS = ("messages", "add_generation_prompt", "tokenize", "chat_templat
 
 def template_vars(items: list[str]) -> dict[str, Any]:
     """``--template-var KEY=VALUE`` items -> ``{KEY: VALUE}``, VALUE parsed as JSON when it parses."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        if not sep or not key.isidentifier():
-            raise ValueError(f"--template-var expects KEY=VALUE with KEY a name, got {item!r}")
+    from moekit.cli import parse_key_values
+
+    out = parse_key_values(items, "--template-var", "with KEY a name", key_ok=str.isidentifier)
+    for key in out:
         if key in _RESERVED_VARS:
             raise ValueError(f"--template-var {key}: set by moekit itself; choose another variable")
-        try:
-            out[key] = json.loads(text)
-        except json.JSONDecodeError:
-            out[key] = text
     return out
 
 
