@@ -199,7 +199,7 @@ class SigmoidBiasRouter(Router):
         biased_TE = scores_TE.detach() + self.e_score_correction_bias.to(scores_TE.dtype)
         if self.n_group > 1:
             T, G = biased_TE.shape[0], self.n_group
-            group_TG = biased_TE.view(T, G, -1).topk(2, dim=-1).values.sum(-1)
+            group_TG = biased_TE.view(T, G, self.num_experts // G).topk(2, dim=-1).values.sum(-1)
             best_TG = torch.zeros_like(group_TG, dtype=torch.bool)
             best_TG.scatter_(1, group_TG.topk(self.topk_group, dim=-1).indices, True)
             biased_TE = biased_TE.masked_fill(~best_TG.repeat_interleave(self.num_experts // G, 1), -math.inf)

@@ -128,8 +128,15 @@ def check_checkpoint(pg: G.ParallelGroups, tmp: Path) -> None:
 
 
 def check_zero_tokens(pg: G.ParallelGroups) -> None:
-    """A rank with no tokens still joins the exchange: no hang, and the other rank's result is exact."""
-    cfg = MoEConfig(hidden_size=12, intermediate_size=16, num_experts=8, top_k=2, capacity_factor=1.0)
+    """A rank with no tokens still joins the exchange: no hang, and the other rank's result is exact
+    (capacity routing, and DeepSeek-V3's group-limited routing)."""
+    for overrides in ({"capacity_factor": 1.0},
+                      {"router": "sigmoid_bias", "n_group": 4, "topk_group": 2, "norm_topk_prob": True}):
+        cfg = MoEConfig(hidden_size=12, intermediate_size=16, num_experts=8, top_k=2, **overrides)
+        _check_zero_tokens(cfg, pg)
+
+
+def _check_zero_tokens(cfg: MoEConfig, pg: G.ParallelGroups) -> None:
     torch.manual_seed(4)
     full = MoE(cfg).double().train()
     ep = parallelize_moe(copy.deepcopy(full), pg)
