@@ -30,7 +30,8 @@ class GlobalBatchStats(BalanceStats):
 
     Unlike :class:`BalanceStats` nothing accumulates between calls: each training forward sums the
     current micro-batch's counts over ``group`` (default: every rank, i.e. the data-parallel world),
-    so ``mean over ranks of aux_loss`` equals the single-process loss of the concatenated batch.
+    so ``mean over ranks of aux_loss`` equals the single-process loss of the concatenated batch when
+    the ranks hold equal token counts (``P`` is each rank's own mean).
     """
 
     def __init__(self, num_experts: int, group: dist.ProcessGroup | None = None) -> None:

@@ -95,7 +95,7 @@ class ExpertParallelRun:
         return bool(t.item() > 0)
 
     def check_configs(self, model_config: Any, train_config: Any) -> None:
-        """Same model and training config on every rank; the global batch splits evenly."""
+        """Same model and training config on every rank; the global batch and the experts split evenly."""
         if getattr(train_config, "compile", False):
             raise ValueError("--compile is not supported with --expert-parallel (collectives in the graph)")
         batch = int(train_config.batch_size)
@@ -104,6 +104,9 @@ class ExpertParallelRun:
                 f"--batch-size {batch} (the global batch) must be divisible by the number of ranks "
                 f"{self.world_size}"
             )
+        experts, ep_size = int(getattr(model_config, "num_experts", 0)), self.groups.ep_size
+        if experts and experts % ep_size:
+            raise ValueError(f"num_experts={experts} is not divisible by --expert-parallel {ep_size}")
         check_same_across_ranks({"model": model_config, "train": train_config}, what="model/train config")
 
     def shard(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> nn.Module:
@@ -117,10 +120,12 @@ class ExpertParallelRun:
                 f"(each rank holds 1/{g.ep_size} of the experts), {g.expert_dp_size} data-parallel "
                 f"cop{'y' if g.expert_dp_size == 1 else 'ies'} of each expert shard")
 
-    def local_batch(self, batch: Tensor) -> Tensor:
-        """This rank's rows of the global batch ``(B, S)`` -> ``(B / W, S)``."""
-        per = batch.shape[0] // self.world_size
-        return batch[self.rank * per : (self.rank + 1) * per]
+    def local_batch(self, batch: Tensor, allow_uneven: bool = False) -> Tensor:
+        """This rank's rows of the global batch ``(B, S)`` -> ``(B / W, S)``; with ``allow_uneven``
+        ``B`` need not divide (``torch.tensor_split``: the first ``B % W`` ranks get one row more)."""
+        if batch.shape[0] % self.world_size and not allow_uneven:
+            raise ValueError(f"a batch of {batch.shape[0]} rows does not split over {self.world_size} ranks")
+        return torch.tensor_split(batch, self.world_size)[self.rank]
 
     def mean(self, value: float) -> float:
         """Mean of a Python float over all ranks."""

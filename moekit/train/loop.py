@@ -104,20 +104,30 @@ def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: list[torch.Tensor], device: torch.device) -> float:
-    """Mean next-token cross-entropy over ``batches`` (each ``(b, S)``); leaves every RNG untouched."""
+def evaluate(
+    model: torch.nn.Module, batches: list[torch.Tensor], device: torch.device, ep: Any = None
+) -> float:
+    """Mean next-token cross-entropy over ``batches`` (each ``(b, S)``); leaves every RNG untouched.
+
+    ``ep`` (an ``ExpertParallelRun``): each rank evaluates its own rows of every batch and the sums
+    are all-reduced, so the experts (and a capacity) see each window once, as in one process.
+    """
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    total, count = 0.0, 0.0
     devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), _autocast(device):
         for batch in batches:
-            batch = batch.to(device)
-            out = model(batch, labels=batch, return_logits=False)
+            batch = (batch if ep is None else ep.local_batch(batch, allow_uneven=True)).to(device)
+            out = model(batch, labels=batch, return_logits=False)  # also with 0 rows: EP collectives
             n = batch.shape[0] * (batch.shape[1] - 1)
-            total += float(out.loss) * n
-            count += n
+            if n:
+                total += float(out.loss) * n
+                count += n
     model.train(was_training)
+    if ep is not None:
+        sums = ep.sum_tensors([torch.tensor([total, count], dtype=torch.float64)])[0]
+        total, count = float(sums[0]), float(sums[1])
     return total / count
 
 
@@ -204,30 +214,31 @@ def train(
             over ``N`` ranks (see :mod:`moekit.distributed.training`; 1 = data parallel only).
 
     A SIGINT (Ctrl-C) or SIGTERM finishes the current step, saves a checkpoint and returns with
-    ``interrupted=True``. A one-process run holds ``out/.moekit-lock`` while it runs, so a second
-    ``train`` into the same directory fails at once.
+    ``interrupted=True``. The run (rank 0 of a torchrun job) holds ``out/.moekit-lock`` while it
+    runs, so a second ``train`` into the same directory fails at once.
     """
-    args = (out, model_config, train_config, train_changes, data, resume, show_progress, log, on_step,
-            expert_parallel)
-    if expert_parallel:  # a torchrun job: rank 0 prepares and writes, the ranks agree on the directory
-        return _train(*args)
-    with claim_run_dir(out, new=not resume):
-        return _train(*args)
+    args = (model_config, train_config, train_changes, data, resume, show_progress, log, on_step)
+    if not expert_parallel:
+        with claim_run_dir(out, new=not resume):
+            return _train(Path(out), *args, ep=None)
+    # A torchrun job: the ranks agree on the directory (e.g. a time-stamped default), rank 0 holds
+    # its lock, prepares it and writes to it. The logic is in moekit.distributed.training.
+    from moekit.distributed.training import ExpertParallelRun
+
+    ep = ExpertParallelRun(expert_parallel)
+    out = Path(ep.run_on_main(lambda: str(out), share_result=True))
+    with contextlib.ExitStack() as held:
+        ep.run_on_main(lambda: held.enter_context(claim_run_dir(out, new=not resume)))
+        return _train(out, *args, ep=ep)
 
 
-def _train(out, model_config, train_config, train_changes, data, resume, show_progress, log, on_step,
-           expert_parallel) -> TrainResult:
+def _train(out: Path, model_config, train_config, train_changes, data, resume, show_progress, log, on_step,
+           ep: Any) -> TrainResult:
+    """``train``'s body; ``ep`` (an ``ExpertParallelRun`` or None) gives the hooks of a torchrun job."""
     from moekit.models import ModelConfig, MoEForCausalLM, get_preset
 
-    out = Path(out)
-    ep = None  # expert parallelism: the logic is in moekit.distributed.training, these are its hooks
-    if expert_parallel:
-        from moekit.distributed.training import ExpertParallelRun
-
-        ep = ExpertParallelRun(expert_parallel)
-        out = Path(ep.run_on_main(lambda: str(out), share_result=True))  # e.g. a time-stamped default
-        if not ep.is_main:
-            log, show_progress = (lambda *a, **k: None), False
+    if ep is not None and not ep.is_main:
+        log, show_progress = (lambda *a, **k: None), False
     main = ep is None or ep.is_main
     if resume:
         info = read_run_info(out)
@@ -344,7 +355,7 @@ def _train(out, model_config, train_config, train_changes, data, resume, show_pr
                               expert_load=[(t / t.sum().clamp_min(1)).tolist() for t in loads])
                 _append_metrics(out, record)
             if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps:
-                val_loss = evaluate(model, val_batches, device)
+                val_loss = evaluate(model, val_batches, device, ep)
                 if main:
                     _append_metrics(out, {"step": step, "split": "validation", "val_loss": val_loss})
                 metrics["val_loss"] = val_loss

@@ -3,7 +3,11 @@ single-process training on the same global batch, and its checkpoint loads in on
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
+import socket
 from pathlib import Path
 
 import torch
@@ -17,15 +21,16 @@ from moekit.train.config import TrainConfig
 
 MODEL = {"vocab_size": 300, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
          "num_key_value_heads": 1, "intermediate_size": 48, "moe_intermediate_size": 24, "num_experts": 4,
-         "max_position_embeddings": 32, "router_z_loss_coef": 0.001}
+         "max_position_embeddings": 32, "router_z_loss_coef": 0.001, "capacity_factor": 1.25}
 TRAIN = {"max_steps": 3, "batch_size": 4, "seq_len": 16, "warmup_steps": 1, "lr": 0.01, "eval_every": 0,
          "eval_batches": 1, "save_every": 0, "log_every": 1, "device": "cpu", "max_train_chars": 30000,
          "max_val_chars": 4000, "tokenizer_chars": 30000}
 
 
-def losses(run: Path) -> list[float]:
+def losses(run: Path, split: str = "train") -> list[float]:
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    return [r["loss"] + r["aux_loss"] for r in lines if r["split"] == "train"]
+    key = lambda r: r["loss"] + r["aux_loss"] if split == "train" else r["val_loss"]  # noqa: E731
+    return [key(r) for r in lines if r["split"] == split]
 
 
 def check_train(tmp: Path, data: str) -> None:
@@ -44,6 +49,10 @@ def check_train(tmp: Path, data: str) -> None:
         # The logits and the router run in float32 (by contract), so agreement is to float32 rounding.
         torch.testing.assert_close(torch.tensor(ep_losses), torch.tensor(single), rtol=2e-6, atol=0)
         assert single[-1] < single[0], "training did not reduce the loss"
+        # Validation: each rank evaluates its rows, so the capacity sees every window once.
+        ep_val, single_val = losses(tmp / "ep", "validation"), losses(tmp / "single", "validation")
+        assert len(ep_val) == 1 == len(single_val)
+        torch.testing.assert_close(torch.tensor(ep_val), torch.tensor(single_val), rtol=2e-6, atol=0)
         # The EP checkpoint holds every expert (single-file) and equals the single-process weights.
         ep_state = load_file(str(ref.checkpoint).replace("single", "ep") + "/model.safetensors")
         single_state = load_file(str(ref.checkpoint) + "/model.safetensors")
@@ -68,3 +77,31 @@ def check_resume_across_sizes(tmp: Path) -> None:
         assert len(a) == len(b) == 5, (a, b)
         torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=2e-6, atol=0)
     dist.barrier()
+
+
+def fails(argv: list[str], message: str) -> bool:
+    """``moekit ARGV`` exits with 2 and prints ``message``."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = cli_main(argv)
+    assert code == 2 and message in err.getvalue(), (code, err.getvalue())
+    return True
+
+
+def check_train_errors(tmp: Path, data: str) -> None:
+    """An EP run takes rank 0's lock on the run directory, and an EP size that does not divide the
+    experts fails on every rank before anything is written."""
+    base = ["train", "--data", data, "--expert-parallel", "2", "--no-progress"]
+    base += [f"--set={k}={v}" for k, v in MODEL.items()]
+    base += [arg for k, v in TRAIN.items() for arg in (f"--{k.replace('_', '-')}", str(v))]
+    busy = tmp / "busy"
+    if dist.get_rank() == 0:  # held by this live process, as by a one-process run training there
+        busy.mkdir()
+        (busy / ".moekit-lock").write_text(f"{os.getpid()} {socket.gethostname()}\n")
+    dist.barrier()
+    assert fails([*base, "--out", str(busy)], "is in use by another moekit run")
+    assert sorted(p.name for p in busy.iterdir()) == [".moekit-lock"]
+    odd = tmp / "odd"
+    assert fails([*base, "--out", str(odd), "--set=num_experts=3"], "num_experts=3 is not divisible")
+    dist.barrier()  # rank 0 removes the directory it created for the lock
+    assert not odd.exists()

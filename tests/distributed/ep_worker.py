@@ -44,6 +44,7 @@ def main() -> None:
         ("checkpoint", lambda: layer_checks.check_checkpoint(pg, tmp)),
         ("train", lambda: train_checks.check_train(tmp, data)),
         ("resume", lambda: train_checks.check_resume_across_sizes(tmp)),
+        ("train_errors", lambda: train_checks.check_train_errors(tmp, data)),
         ("dead_peer", lambda: comm_checks.check_dead_peer(rank)),
     ]
     for name, fn in sections:

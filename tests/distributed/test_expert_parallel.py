@@ -110,5 +110,9 @@ def test_resume_changes_the_number_of_expert_shards(run):
     passed(run, "resume")
 
 
+def test_ep_run_holds_the_run_lock_and_checks_the_ep_size_first(run):
+    passed(run, "train_errors")
+
+
 def test_dead_peer_fails_fast(run):
     passed(run, "dead_peer", ranks=(0,))
