@@ -55,8 +55,8 @@ class ModelConfig:
         num_experts: routed experts per MoE layer; 0 makes every layer dense.
         top_k: experts per token.
         router, norm_topk_prob, capacity_factor, router_aux_loss_coef, router_z_loss_coef,
-        router_jitter_noise, shared_expert_intermediate_size, shared_expert_gate: passed to
-            :class:`moekit.MoEConfig` (see there); ``moe_backend`` is its ``backend``.
+        router_jitter_noise, bias_update_rate, shared_expert_intermediate_size, shared_expert_gate:
+            passed to :class:`moekit.MoEConfig` (see there); ``moe_backend`` is its ``backend``.
         decoder_sparse_step: layer ``i`` is MoE iff ``(i + 1) % decoder_sparse_step == 0``
             (1 = every layer, 2 = GShard's every other layer; HF Qwen2-MoE semantics).
         first_k_dense_replace: the first ``k`` layers are dense (DeepSeek).
@@ -88,6 +88,7 @@ class ModelConfig:
     router_aux_loss_coef: float = 0.01
     router_z_loss_coef: float = 0.0
     router_jitter_noise: float = 0.0
+    bias_update_rate: float = 1e-3
     shared_expert_intermediate_size: int = 0
     shared_expert_gate: bool = False
     decoder_sparse_step: int = 1
@@ -200,6 +201,7 @@ class ModelConfig:
             router_aux_loss_coef=self.router_aux_loss_coef,
             router_z_loss_coef=self.router_z_loss_coef,
             router_jitter_noise=self.router_jitter_noise,
+            bias_update_rate=self.bias_update_rate,
             activation="swiglu",
             shared_expert_intermediate_size=self.shared_expert_intermediate_size,
             shared_expert_gate=self.shared_expert_gate,

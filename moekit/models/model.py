@@ -226,6 +226,15 @@ class MoEForCausalLM(nn.Module):
         """The :class:`moekit.MoE` modules, in layer order."""
         return [layer.mlp for layer in self.model.layers if layer.is_moe]
 
+    def update_router_bias(self) -> int:
+        """Apply the aux-loss-free bias update (:meth:`moekit.MoE.update_bias`) of every
+        ``sigmoid_bias`` MoE layer; call once after each ``optimizer.step()``. Returns how many
+        layers it updated (0 for the other routers)."""
+        layers = [m for m in self.moe_layers() if m.config.router == "sigmoid_bias"]
+        for moe in layers:
+            moe.update_bias()
+        return len(layers)
+
     @classmethod
     def from_pretrained(cls, path: str, **kwargs: Any) -> MoEForCausalLM:
         """Load an HF / Mistral checkpoint directory; see :func:`moekit.hf.from_pretrained`."""

@@ -340,6 +340,7 @@ def _train(out: Path, model_config, train_config, train_changes, data, resume, s
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            model.update_router_bias()  # sigmoid_bias routers: the load counted over this step
             step += 1
             elapsed = time.perf_counter() - t0
             loss_value = loss_sum / cfg.grad_accum

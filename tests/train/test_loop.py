@@ -127,3 +127,15 @@ def test_resume_refuses_a_checkpoint_of_another_config(tmp_path, text_dir):
     state_file.write_text(json.dumps(state))
     with pytest.raises(ValueError, match="another model configuration.*num_experts"):
         train(tmp_path / "run", resume=True, train_changes={"max_steps": 4}, show_progress=False)
+
+
+def test_sigmoid_bias_routers_update_their_bias_after_each_step(tmp_path, text_dir):
+    gamma = 1e-2
+    _run(tmp_path / "run", text_dir, model_config=micro_model(router="sigmoid_bias", bias_update_rate=gamma),
+         train_config=micro_train(max_steps=3, eval_every=0, save_every=0))
+    model, _, _ = load_run(tmp_path / "run")
+    for moe in model.moe_layers():
+        bias = moe.gate.e_score_correction_bias
+        steps = bias / gamma  # each step moves each expert's bias by -gamma, 0 or +gamma
+        assert bias.abs().sum() > 0 and bias.abs().max() <= 3 * gamma + 1e-6
+        torch.testing.assert_close(steps, steps.round(), atol=1e-4, rtol=0)
