@@ -169,7 +169,8 @@ def clip_grad_norm_(module: nn.Module, max_norm: float, groups: ParallelGroups) 
     """``torch.nn.utils.clip_grad_norm_`` over the whole (sharded) model, after :func:`sync_gradients`.
 
     The norm counts every replicated gradient once and every expert shard of the EP group once, so it
-    equals the single-process norm. Returns the total norm (before clipping).
+    equals the single-process norm. Returns the total norm (before clipping): float64 if a gradient
+    is, else float32 (it is summed in float64).
     """
     experts = expert_parameters(module)
     params = [p for p in module.parameters() if p.grad is not None]
@@ -186,7 +187,7 @@ def clip_grad_norm_(module: nn.Module, max_norm: float, groups: ParallelGroups) 
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         for p in params:
             p.grad.mul_(coef.to(p.grad.dtype))
-    return total.float()
+    return total.to(torch.float64 if any(g.dtype == torch.float64 for g in rep + shard) else torch.float32)
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@ from torch.testing import assert_close
 from moekit import MoE, MoEConfig
 from moekit.distributed import groups as G
 from moekit.distributed.checkpoint import load_sharded, save_sharded
-from moekit.distributed.parallel import gather_experts, parallelize_moe, sync_gradients
+from moekit.distributed.parallel import clip_grad_norm_, gather_experts, parallelize_moe, sync_gradients
 
 TOL = {"atol": 1e-12, "rtol": 1e-12}
 CONFIGS = [
@@ -75,6 +75,14 @@ def check_layer(
         if name.startswith("experts."):
             ref = ref[pg.ep_rank * per : (pg.ep_rank + 1) * per]
         assert_close(p.grad, ref, **TOL, msg=f"grad {name} {what}")
+    norm, ref_norm = clip_grad_norm_(ep, 1e-3, pg), torch.nn.utils.clip_grad_norm_(full.parameters(), 1e-3)
+    assert norm.dtype == torch.float64 and float(ref_norm) > 1e-3, (norm, ref_norm)
+    assert_close(norm, ref_norm, **TOL, msg=f"grad norm {what}")
+    for name, p in ep.named_parameters():  # clipped alike
+        ref = full_params[name].grad
+        if name.startswith("experts."):
+            ref = ref[pg.ep_rank * per : (pg.ep_rank + 1) * per]
+        assert_close(p.grad, ref, **TOL, msg=f"clipped grad {name} {what}")
 
 
 def check_errors(pg: G.ParallelGroups) -> None:
