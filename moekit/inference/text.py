@@ -12,28 +12,42 @@ StreamCallback = Callable[[int, str], None]
 
 
 class _RowText:
-    """Incremental detokenisation of one row, holding back text that could still become a stop string."""
+    """Incremental detokenisation of one row, holding back text that could still become a stop string.
 
-    def __init__(self, tokenizer: Any, stops: Sequence[str]) -> None:
+    ``context``: token ids decoded in front of the row's (the end of its prompt) and cut off again, so
+    that decoders which strip a leading space (Llama / Mistral's Metaspace) keep the space between the
+    prompt and the first new token, as transformers' ``decode(prompt + new)`` does.
+    """
+
+    def __init__(self, tokenizer: Any, stops: Sequence[str], context: Sequence[int] = ()) -> None:
         self.tokenizer, self.stops = tokenizer, list(stops)
         self.hold = max((len(s) for s in self.stops), default=1) - 1
+        self.context = list(context)
+        self.context_text = tokenizer.decode(self.context, skip_special_tokens=True) if self.context else ""
         self.ids: list[int] = []
         self.text = ""
         self.emitted = 0
         self.stopped = False
 
+    def _decode(self) -> str:
+        if self.context:
+            text = self.tokenizer.decode(self.context + self.ids, skip_special_tokens=True)
+            if text.startswith(self.context_text):
+                return text[len(self.context_text) :]
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+
     def push(self, token_id: int) -> str:
         """Add a token; return the newly safe text. Sets ``stopped`` when a stop string appears."""
         self.ids.append(token_id)
-        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        self.text = self._decode()
         start = max(0, self.emitted - self.hold)
         hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
         if hits:
             self.text, self.stopped = self.text[: min(hits)], True
             return self.flush()
-        safe = len(self.text) - self.hold
-        if self.text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its next byte
-            safe = min(safe, len(self.text) - 1)
+        # An incomplete UTF-8 character decodes to U+FFFD, one per byte with byte-fallback
+        # tokenizers: hold them all back until the character is complete.
+        safe = min(len(self.text) - self.hold, len(self.text.rstrip("\ufffd")))
         if safe <= self.emitted:
             return ""
         piece, self.emitted = self.text[self.emitted : safe], safe
@@ -54,7 +68,8 @@ def generate_text(
     stream: StreamCallback | None = None,
     **kwargs: Any,
 ) -> list[str]:
-    """Generate a continuation of each prompt with a ``tokenizers.Tokenizer``.
+    """Generate a continuation of each prompt with a ``tokenizers.Tokenizer`` (or the
+    :class:`moekit.hf.HFTokenizer` of a checkpoint).
 
     Args:
         prompts: one string or a list of strings (a batch).
@@ -64,7 +79,8 @@ def generate_text(
             stop_token_ids, compile).
 
     Returns:
-        The generated text of each prompt (prompt not included).
+        The generated text of each prompt (prompt not included): ``prompt + text`` reads as the
+        decoded whole, the space after the prompt included.
     """
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -73,11 +89,15 @@ def generate_text(
     stop = [stop] if isinstance(stop, str) else list(stop or [])
     if any(not isinstance(s, str) or not s for s in stop):
         raise ValueError(f"stop must be a list of non-empty strings, got {stop!r}")
+    from moekit.hf.tokenizer import HFTokenizer
+
+    if isinstance(tokenizer, HFTokenizer):  # what moekit.load_tokenizer returns
+        tokenizer = tokenizer.tokenizer
     prompt_ids = [tokenizer.encode(p).ids for p in prompts]
     for b, ids in enumerate(prompt_ids):
         if not ids:
             raise ValueError(f"prompt {b} encodes to no tokens")
-    rows = [_RowText(tokenizer, stop) for _ in prompts]
+    rows = [_RowText(tokenizer, stop, context=ids[-1:]) for ids in prompt_ids]
 
     def on_token(row: int, token_id: int) -> bool:
         piece = rows[row].push(token_id)

@@ -98,6 +98,7 @@ def test_training_mode_is_restored():
     "args, match",
     [
         (([[1] * 40], 10), "exceeds the context"),
+        (([[1] * 48], 2), "exceeds the context"),
         (([], 3), "non-empty list"),
         (([[]], 3), r"prompt_ids\[0\]"),
         (([[1, 99]], 3), "vocab_size"),
@@ -107,6 +108,32 @@ def test_training_mode_is_restored():
 def test_generate_errors(args, match):
     with pytest.raises(ValueError, match=match):
         generate(make_model(), *args)
+
+
+def test_the_whole_context_is_usable():
+    """48 positions: a 48-token prompt gets one new token, 47 tokens get two (the last new token
+    is never fed back), equal to the argmax of the full forward."""
+    model = make_model().eval()
+    prompt = [[(7 * i) % 39 + 1 for i in range(48)]]
+    with torch.no_grad():
+        expected = int(model(torch.tensor(prompt)).logits[0, -1].argmax())
+    assert generate(model, prompt, 1, stop_token_ids=[]) == [[expected]]
+    assert len(generate(model, [prompt[0][:47]], 2, stop_token_ids=[])[0]) == 2
+
+
+@pytest.mark.parametrize("temperature", [float("nan"), float("inf"), -1.0])
+def test_non_finite_temperature_is_refused(temperature):
+    with pytest.raises(ValueError, match="temperature"):
+        generate(make_model(), [[1, 2]], 2, temperature=temperature)
+
+
+def test_cache_longer_than_the_context_is_refused():
+    from moekit.inference import StaticKVCache
+
+    cfg = make_model().config
+    StaticKVCache(cfg, 2, 50, pad_lengths=[2, 3])  # positions up to 47: fits 48
+    with pytest.raises(ValueError, match="beyond the context"):
+        StaticKVCache(cfg, 1, 49)
 
 
 def test_numpy_token_ids_are_token_ids():
@@ -125,10 +152,12 @@ def word_tokenizer():
 
 def test_generate_text_streams_and_cuts_at_stop_strings():
     model, tok = make_model(), word_tokenizer()
-    ids = generate(model, [tok.encode("w1 w2 w3").ids], 10)[0]
-    text = tok.decode(ids)
+    prompt = tok.encode("w1 w2 w3").ids
+    ids = generate(model, [prompt], 10)[0]
+    text = " " + tok.decode(ids)  # the text after the prompt: decode(prompt + ids) = "w1 w2 w3" + text
+    assert tok.decode(prompt + ids) == "w1 w2 w3" + text
     assert generate_text(model, tok, "w1 w2 w3", 10) == [text]
-    words = text.split(" ")
+    words = text.split(" ")[1:]
     stop = " ".join(words[3:5])  # a two-word stop string from the middle of the text
     cut = text[: text.index(stop)]
     pieces = []
@@ -180,6 +209,45 @@ def test_byte_level_stream_equals_final_text():
     assert len(ids) >= 3  # the emoji spans several byte tokens
     assert [row.push(t) for t in ids[:-1]][1:] == [""] * (len(ids) - 2)
     assert "".join([row.push(ids[-1]), row.flush()]).endswith("😀")
+
+
+def metaspace_tokenizer():
+    """Llama / Mistral's kind: Metaspace pieces, byte fallback, a decoder that strips the leading space."""
+    from tokenizers import decoders, normalizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for piece in ["▁", "▁The", "▁capital", "▁is", "▁Paris", "▁hi"]:
+        vocab[piece] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    return tok
+
+
+def test_metaspace_byte_fallback_text_keeps_the_space_and_streams_whole_characters(monkeypatch):
+    """The first new token's space survives (transformers: decode(prompt + new) minus the prompt), and
+    a character of four byte tokens (four U+FFFD until complete) streams once, whole."""
+    import moekit.inference.text as text_module
+    from moekit import HFTokenizer
+
+    tok = metaspace_tokenizer()
+    new = [tok.token_to_id(t) for t in ["▁Paris", "▁", "<0xF0>", "<0x9F>", "<0x98>", "<0x80>", "▁hi"]]
+
+    def fake_generate(model, prompt_ids, max_new_tokens, on_token, **kwargs):  # the model's choice, fixed
+        for t in new:
+            if on_token(0, t):
+                break
+
+    monkeypatch.setattr(text_module, "generate", fake_generate)
+    prompt = "The capital is"
+    reference = tok.decode(tok.encode(prompt).ids + new)
+    assert reference == "The capital is Paris 😀 hi"
+    for wrapped in (tok, HFTokenizer(tok)):  # a tokenizers.Tokenizer or moekit.load_tokenizer's
+        pieces: list[str] = []
+        got = text_module.generate_text(None, wrapped, prompt, 10, stream=lambda r, s, p=pieces: p.append(s))
+        assert prompt + got[0] == reference
+        assert "".join(pieces) == got[0] and "\ufffd" not in "".join(pieces)
 
 
 @pytest.mark.parametrize("kw", [dict(capacity_factor=1.0), dict(router="expert_choice")])
