@@ -62,7 +62,7 @@ def reply(
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                         **(template_vars or {}))
     assert isinstance(ids, list)
-    room = model.config.max_position_embeddings - len(ids)
+    room = model.config.max_position_embeddings - len(ids) + 1  # the last new token is not fed back
     if room < 1:
         raise ContextFullError(
             f"the conversation has {len(ids)} tokens, the model's context is "

@@ -51,6 +51,7 @@ class StaticKVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.batch_size, self.max_length, self.window = batch_size, max_length, config.sliding_window
+        self.context = config.max_position_embeddings
         self.device, self.dtype = torch.device(device), dtype
         self.set_padding(pad_lengths)
 
@@ -69,6 +70,12 @@ class StaticKVCache:
             pad = torch.tensor(list(pad_lengths), dtype=torch.long, device=self.device)[:, None]
         self.pad = pad  # (B or 1, 1)
         self.positions = (slots[None, :] - pad).clamp_min(0)  # (B or 1, P) rotary position of each slot
+        if self.max_length - int(pad.min()) > self.context:
+            raise ValueError(
+                f"max_length={self.max_length} slots with {int(pad.min())} padding slots hold positions up "
+                f"to {self.max_length - int(pad.min()) - 1}, beyond the context "
+                f"(max_position_embeddings={self.context})"
+            )
         self._mask = None
         if pad.shape[0] * self.max_length**2 <= _MAX_PRECOMPUTED_MASK:
             self._mask = self._build_mask(slots)  # (B or 1, 1, P, P)

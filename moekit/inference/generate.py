@@ -63,10 +63,12 @@ def _check_prompts(model: MoEForCausalLM, prompt_ids: Sequence[Sequence[int]], m
         if any(isinstance(t, bool) or not isinstance(t, numbers.Integral) or not 0 <= t < cfg.vocab_size
                for t in ids):  # Integral: NumPy integers too
             raise ValueError(f"prompt_ids[{b}] holds a token id outside [0, vocab_size={cfg.vocab_size})")
-        if len(ids) + max_new_tokens > cfg.max_position_embeddings:
+        # The last new token is never fed back: the model sees len + max_new_tokens - 1 positions.
+        if len(ids) + max_new_tokens - 1 > cfg.max_position_embeddings:
             raise ValueError(
                 f"prompt {b} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} it exceeds the "
-                f"context (max_position_embeddings={cfg.max_position_embeddings})"
+                f"context (max_position_embeddings={cfg.max_position_embeddings}: prompt + new tokens - 1 "
+                "must fit)"
             )
 
 
@@ -132,8 +134,9 @@ def generate(
     ids = torch.tensor(
         [[pad_id] * pad + list(p) for pad, p in zip(pads, prompt_ids)], dtype=torch.long, device=device
     )
-    cache = StaticKVCache(cfg, B, prompt_len + max_new_tokens, pad_lengths=pads, device=device, dtype=dtype)
-    slots = torch.arange(prompt_len + max_new_tokens, device=device)
+    length = prompt_len + max_new_tokens - 1  # every position the model is given
+    cache = StaticKVCache(cfg, B, length, pad_lengths=pads, device=device, dtype=dtype)
+    slots = torch.arange(length, device=device)
     generators = make_generators(sampling, B, device)
     decode = compiled_decode_one_token() if compile else decode_one_token
 

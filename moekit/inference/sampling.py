@@ -8,6 +8,7 @@ one with ``seed + b`` samples.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -35,9 +36,10 @@ class SamplingConfig:
         if (
             isinstance(self.temperature, bool)
             or not isinstance(self.temperature, (int, float))
-            or self.temperature < 0
+            or not 0 <= self.temperature < math.inf
         ):
-            raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {self.temperature!r}")
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got "
+                             f"{self.temperature!r}")
         if self.top_k is not None and (
             isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1
         ):
