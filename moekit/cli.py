@@ -193,6 +193,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.model is not None:
         from moekit.hf.chat import cmd_generate
 
+        if args.run_dir is not None or args.step is not None:
+            raise ValueError("give RUN_DIR (with --step) or --model PATH, not both")
         return cmd_generate(args)
     if args.run_dir is None or not args.prompt:
         raise ValueError("generate needs RUN_DIR and --prompt (or --model PATH for a checkpoint)")

@@ -195,6 +195,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     root = resolve_path(args.model)
     model = from_pretrained(root, dtype=args.dtype, device=args.device)
     tokenizer = load_tokenizer(root)
+    if args.chat:
+        tokenizer.get_chat_template()  # no template: say so before the first prompt
     stop_ids = stop_token_ids(root, model, tokenizer)
     sampling = {
         "temperature": args.temperature,

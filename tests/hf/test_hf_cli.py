@@ -145,3 +145,22 @@ def test_plain_generate_and_convert_cli(ckpt, tmp_path, capsys):
     assert "needs RUN_DIR and --prompt (or --model PATH" in capsys.readouterr().err
     assert main(["info", str(path)]) == 0  # the config only
     assert f"parameters: total {sum(p.numel() for p in hf.parameters()):,}" in capsys.readouterr().out
+
+
+def test_generate_cli_usage_errors_come_before_any_prompt(ckpt, tmp_path, capsys):
+    import json
+    import shutil
+
+    path, _, _ = ckpt
+    bare = tmp_path / "no-template"
+    shutil.copytree(path, bare)
+    for name in ("chat_template.jinja", "chat_template.json"):
+        (bare / name).unlink(missing_ok=True)
+    config = json.loads((bare / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (bare / "tokenizer_config.json").write_text(json.dumps(config))
+    assert main(["generate", "--model", str(bare), "--chat", "--prompt", "Hi"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "no chat template" in captured.err
+    assert main(["generate", str(tmp_path), "--model", str(path), "--prompt", "Hi"]) == 2
+    assert "not both" in capsys.readouterr().err
