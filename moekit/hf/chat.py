@@ -57,7 +57,7 @@ def reply(
     """Generate the assistant's next message for ``messages``; returns its text. ``template_vars`` are
     extra variables of the chat template (e.g. ``{"enable_thinking": False}`` for Qwen3)."""
     from moekit.inference import generate
-    from moekit.inference.text import _RowText  # the streaming detokeniser generate_text uses
+    from moekit.inference.text import _RowText, special_stop_ids  # what generate_text uses
 
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                         **(template_vars or {}))
@@ -76,6 +76,7 @@ def reply(
             stream(piece)
         return row.stopped
 
+    stop_ids = [*stop_ids, *special_stop_ids(tokenizer.tokenizer, stop or [])]
     generate(model, [ids], min(max_new_tokens, room), stop_token_ids=stop_ids, on_token=on_token, **sampling)
     piece = row.flush()
     if piece and stream is not None:

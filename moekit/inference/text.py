@@ -58,6 +58,13 @@ class _RowText:
         return piece
 
 
+def special_stop_ids(tokenizer: Any, stop: Sequence[str]) -> list[int]:
+    """Ids of the stop strings that are special tokens (ChatML's ``"<|im_end|>"``): the text is
+    decoded without special tokens, so these must stop at their id."""
+    special = {t.content: i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
+    return [special[s] for s in stop if s in special]
+
+
 def generate_text(
     model: MoEForCausalLM,
     tokenizer: Any,
@@ -73,7 +80,8 @@ def generate_text(
 
     Args:
         prompts: one string or a list of strings (a batch).
-        stop: stop strings; a row ends at the first one (which is not included in its text).
+        stop: stop strings; a row ends at the first one (which is not included in its text). A
+            special token's text (e.g. ``"<|im_end|>"``) stops at that token.
         stream: ``stream(row, text_piece)`` called with new text as soon as it is final.
         **kwargs: passed to :func:`moekit.inference.generate` (temperature, top_k, top_p, seed,
             stop_token_ids, compile).
@@ -97,6 +105,11 @@ def generate_text(
     for b, ids in enumerate(prompt_ids):
         if not ids:
             raise ValueError(f"prompt {b} encodes to no tokens")
+    extra = special_stop_ids(tokenizer, stop)
+    if extra:
+        eos = model.config.eos_token_id
+        given = kwargs.get("stop_token_ids")
+        kwargs["stop_token_ids"] = [*(given if given is not None else ([] if eos is None else [eos])), *extra]
     rows = [_RowText(tokenizer, stop, context=ids[-1:]) for ids in prompt_ids]
 
     def on_token(row: int, token_id: int) -> bool:

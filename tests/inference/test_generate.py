@@ -257,3 +257,24 @@ def test_routing_that_couples_tokens_warns(kw, recwarn):
         generate(model, [[1, 2, 3]], 2)
     generate(make_model(), [[1, 2, 3]], 2)  # dropless top-k: no warning
     assert not [w for w in recwarn if "continuation depends" in str(w.message)]
+
+
+def test_a_special_token_as_stop_string_stops_at_its_id(monkeypatch):
+    import moekit.inference.text as text_module
+
+    tok = word_tokenizer()
+    tok.add_special_tokens(["<|im_end|>"])
+    end = tok.token_to_id("<|im_end|>")
+    seen = {}
+
+    def fake_generate(model, prompt_ids, max_new_tokens, on_token, stop_token_ids=None, **kwargs):
+        seen["stop_token_ids"] = stop_token_ids
+
+    monkeypatch.setattr(text_module, "generate", fake_generate)
+    model = make_model(eos_token_id=2)
+    text_module.generate_text(model, tok, "w1", 4, stop=["<|im_end|>", "w9"])
+    assert seen["stop_token_ids"] == [2, end]  # the model's eos kept
+    text_module.generate_text(model, tok, "w1", 4, stop=["<|im_end|>"], stop_token_ids=[7])
+    assert seen["stop_token_ids"] == [7, end]
+    text_module.generate_text(model, tok, "w1", 4, stop=["w9"])
+    assert seen["stop_token_ids"] is None  # not special: matched in the text
