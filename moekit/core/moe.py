@@ -10,6 +10,7 @@ state_dict names match transformers' ``MixtralSparseMoeBlock`` (``gate.weight``,
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -24,6 +25,13 @@ from moekit.core.types import MoEOutput, RouterOutput, RoutingInfo
 from moekit.kernels import group_padding
 
 SLOT_PATH_MAX_SLOTS = 8
+
+
+def _without_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast off on ``device`` if it is on (e.g. for the float32 router), else nothing."""
+    if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class MoE(nn.Module):
@@ -87,7 +95,8 @@ class MoE(nn.Module):
             # Empty, but still on the autograd graph, so a backward over an empty batch works.
             return MoEOutput(x * 0, self._empty_info(x))
 
-        routing = self.gate(x_TD)
+        with _without_autocast(x_TD.device):  # the router stays float32 under torch.autocast
+            routing = self.gate(x_TD)
         capacity = None if config.router == "expert_choice" else config.capacity(num_tokens, self.training)
         if self._use_slot_path(routing, capacity):
             y_TD = self.experts.forward_slots(x_TD, routing.ids_TK, routing.weights_TK)

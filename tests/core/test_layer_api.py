@@ -91,6 +91,21 @@ def test_input_dtype_must_match_the_weights_outside_autocast(backend):
     assert y.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("router", ["topk", "noisy_topk", "sigmoid_bias"])
+def test_router_stays_float32_under_autocast(router):
+    """Selective precision: autocast lowers the experts, never the router (its choice is unchanged)."""
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(hidden_size=64, intermediate_size=32, num_experts=16, top_k=2, router=router)).eval()
+    with torch.no_grad():
+        moe.gate.weight.mul_(20)  # logits of size ~10: bf16 rounding (~0.03) would reorder experts
+    x = torch.randn(256, 64)
+    _, ref = moe(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, info = moe(x)
+    assert info.router_logits.dtype == info.expert_weights.dtype == torch.float32
+    assert torch.equal(info.router_logits, ref.router_logits) and torch.equal(info.expert_ids, ref.expert_ids)
+
+
 @pytest.mark.parametrize(
     "overrides,field",
     [
