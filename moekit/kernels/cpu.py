@@ -119,10 +119,12 @@ def single_threaded_blas() -> Iterator[None]:
 
 def applies(x: Tensor, w: Tensor) -> bool:
     """True when ``x @ w.T`` should take this module's paths here. Never under ``torch.compile``:
-    the compiler picks its own kernels (and its lowering of the oneDNN op wants frozen weights)."""
+    the compiler picks its own kernels (and its lowering of the oneDNN op wants frozen weights); never
+    under CPU autocast (the result dtype would depend on the product's size)."""
     if torch.compiler.is_compiling():  # first: nothing below may break the compiler's graph
         return False
-    return x.is_cpu and x.dtype == torch.float32 and w.dtype == torch.float32 and w.is_cpu and enabled()
+    return (x.is_cpu and x.dtype == torch.float32 and w.dtype == torch.float32 and w.is_cpu and enabled()
+            and not torch.is_autocast_enabled("cpu"))  # autocast: F.linear's dtype rules, whatever the size
 
 
 def records_grad(*tensors: Tensor | None) -> bool:
@@ -183,6 +185,7 @@ class _Linear(torch.autograd.Function):
     def forward(ctx, x_MI: Tensor, w_OI: Tensor, b_O: Tensor | None) -> Tensor:
         ctx.save_for_backward(x_MI, w_OI)
         ctx.has_bias = b_O is not None
+        b_O = None if b_O is None else b_O.contiguous()  # oneDNN reads the bias as contiguous
         return torch.ops.mkldnn._linear_pointwise(x_MI, w_OI, b_O, "none", [], "")
 
     @staticmethod
@@ -355,8 +358,8 @@ def expert_ffn(x_SI: Tensor, w_EHI: Tensor, w_EOF: Tensor, counts_E: Tensor,
         x_SI: ``(S, I)`` rows sorted by expert; counts_E: ``(E,)`` rows per expert.
         w_EHI: ``(E, H, I)`` first projection (``gate_up_proj`` or ``up_proj``).
         w_EOF: ``(E, O, F)`` down projection.
-        activate: ``(rows, H) -> (rows, F)``, differentiable when autograd is recording (it may work
-            in place on its input otherwise).
+        activate: ``(rows, H) -> (rows, F)``, differentiable when autograd is recording; it must
+            not modify its input (with autograd the groups' ``h`` are saved for the backward).
 
     Returns:
         ``(S, O)``.

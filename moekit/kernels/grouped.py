@@ -29,11 +29,13 @@ _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _aligned(t: Tensor) -> bool:
-    """grouped_mm wants 16-byte aligned data and 16-byte multiples for every non-unit stride."""
+    """grouped_mm wants 16-byte aligned data, one unit-stride dimension and 16-byte multiples for
+    every other stride (an expanded, stride-0 operand or a second unit stride is refused)."""
     size = t.element_size()
     if t.data_ptr() % 16:
         return False
-    return all(stride == 1 or (stride * size) % 16 == 0 for stride in t.stride())
+    strides = t.stride()
+    return strides.count(1) == 1 and all(s == 1 or (s > 0 and (s * size) % 16 == 0) for s in strides)
 
 
 def grouped_mm_supported(x_SI: Tensor, w_EOI: Tensor) -> bool:

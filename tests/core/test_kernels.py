@@ -41,6 +41,23 @@ def test_torch_grouped_mm_is_used_where_supported():
     assert not grouped_mm_supported(torch.randn(80, 5), torch.randn(4, 24, 5))  # 20-byte rows
 
 
+def test_grouped_takes_any_strides_the_reference_takes():
+    """Expanded (stride 0) rows and a one-row input with two unit strides: grouped_mm refuses them,
+    so the seam takes its loop."""
+    torch.manual_seed(0)
+    w = torch.randn(4, 16, 32, requires_grad=True)
+    for x, counts in ((torch.randn(1, 32).expand(100, 32), [20, 20, 20, 40]),
+                      (torch.randn(32, 1).T, [0, 1, 0, 0])):
+        x = x.detach().requires_grad_()
+        assert not grouped_mm_supported(x, w)
+        counts = torch.tensor(counts)
+        y, ref = grouped_mm(x, w, counts, "grouped"), grouped_mm_reference(x, w, counts)
+        torch.testing.assert_close(y, ref)
+        (gx,) = torch.autograd.grad(y.sum(), x)
+        (gx_ref,) = torch.autograd.grad(ref.sum(), x)
+        torch.testing.assert_close(gx, gx_ref)
+
+
 def test_register_backend_plugs_into_the_layer():
     calls = []
 

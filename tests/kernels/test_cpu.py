@@ -60,13 +60,15 @@ def close64(actual, expected):
 
 
 @pytest.mark.parametrize("shape", [(40, 24), (3, 17, 24), (5, 24), (64, 1), (1, 1, 24), (2, 3, 24)])
-@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("bias", [False, True, "strided"])
 def test_linear_forward_and_gradients_match_float64(matvec, shape, bias):
     torch.manual_seed(sum(shape))
     in_features = shape[-1]
     x = torch.randn(*shape, requires_grad=True)
     w = torch.randn(33, in_features, requires_grad=True)
-    b = torch.randn(33, requires_grad=True) if bias else None
+    b = None if not bias else torch.randn(33) if bias is True else torch.randn(66)[::2]  # half a fused one
+    if b is not None:
+        b.requires_grad_()
     y = cpu.linear(x, w, b)
     x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
     b64 = b.detach().double().requires_grad_() if bias else None
@@ -82,6 +84,16 @@ def test_linear_forward_and_gradients_match_float64(matvec, shape, bias):
         close64(b.grad, b64.grad)
     with torch.no_grad():  # without autograd: matrix-vector products for few rows
         close64(cpu.linear(x, w, b), y64.detach())
+
+
+@pytest.mark.parametrize("rows", [1, 64])
+def test_linear_follows_autocast_like_f_linear(forced, rows):
+    x, w = torch.randn(rows, 24, requires_grad=True), torch.randn(33, 24)
+    for grad in (True, False):
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.set_grad_enabled(grad):
+            y, ref = cpu.linear(x, w), torch.nn.functional.linear(x, w)
+        assert y.dtype == ref.dtype == torch.bfloat16
+        torch.testing.assert_close(y, ref)
 
 
 @needs_openblas
