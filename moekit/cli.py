@@ -7,8 +7,10 @@ that calls the library. Bad input surfaces as ``moekit: error: <message>`` and e
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
+import os
 import re
 import shlex
 import sys
@@ -119,9 +121,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
                    if not Path(name := stem if n == 1 else f"{stem}-{n}").exists())
     from moekit.distributed.training import resolve_expert_parallel
 
+    expert_parallel = resolve_expert_parallel(args.expert_parallel)
     result = train(out, model_config=model_config, train_changes=changes, data=args.data,
-                   resume=args.resume, show_progress=not args.no_progress,
-                   expert_parallel=resolve_expert_parallel(args.expert_parallel))
+                   resume=args.resume, show_progress=not args.no_progress, expert_parallel=expert_parallel)
+    if expert_parallel and int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 reports
+        return 130 if result.interrupted else 0
     val = f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else ""
     loss = f", train loss {result.loss:.4f}" if result.loss is not None else ""
     print(f"run saved to {result.run_dir} (step {result.step}{loss}{val}; checkpoint {result.checkpoint})")
@@ -315,7 +319,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handlers below
+        return code
+    except BrokenPipeError:  # `moekit info | head`: the reader left; say nothing more
+        with contextlib.suppress(OSError, ValueError):  # no second error when Python flushes at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except (ValueError, TypeError, OSError) as err:  # OSError: a missing / unreadable path, a full disk
         print(f"moekit: error: {err}", file=sys.stderr)
         return 2

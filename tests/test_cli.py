@@ -182,3 +182,15 @@ def test_resume_compares_model_flags_with_the_run_and_can_turn_compile_off(data_
     assert json.loads((out / "run.json").read_text())["train_config"]["compile"] is False
     assert main(["train", "--out", str(out), "--resume", "--max-steps", "3", "--set", "hidden_size=48"]) == 2
     assert "hidden_size: run has 32, asked for 48" in capsys.readouterr().err
+
+
+def test_a_closed_pipe_ends_quietly():
+    """``moekit info | head -1``: the reader leaves early; no 'Broken pipe' error or traceback."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        r = subprocess.run([sys.executable, "-m", "moekit", "info", "--preset", "mixtral-8x7b"], stdout=write,
+                           stderr=subprocess.PIPE, text=True, env=ENV, timeout=120)
+    finally:
+        os.close(write)
+    assert r.returncode == 1 and r.stderr == "", r.stderr

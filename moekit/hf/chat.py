@@ -221,7 +221,7 @@ def add_convert_parser(sub: Any) -> None:
     p = sub.add_parser("convert", help="convert a checkpoint between HF and Mistral layouts (safetensors)")
     p.add_argument("src", help="checkpoint directory (HF config.json / Mistral params.json) or cached hub id")
     p.add_argument("dst", help="output directory")
-    p.add_argument("--to", choices=("hf", "mistral"), default="hf", help="output layout")
+    p.add_argument("--to", choices=("hf", "mistral"), default="hf", help="output layout (default: hf)")
     p.add_argument("--max-shard-size", default=None, help="e.g. 5GB (hf default) or 500MB")
     p.add_argument("--dtype", default=None, help="cast weights, e.g. bfloat16 (default: keep)")
     p.add_argument("--model-type", default=None, choices=MODEL_TYPES,

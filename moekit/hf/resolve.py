@@ -29,6 +29,9 @@ def resolve_path(path: str | Path, revision: str | None = None) -> Path:
         f"{text}: not a local directory, and moekit works offline: it only reads hub ids already in "
         "the local Hugging Face cache"
     )
+    if local.parent.is_dir():  # "out/x" may be a mistyped local path as well as a hub id
+        offline = (f"{text}: no such local directory (./{local.parent} has no {local.name!r}), and moekit "
+                   "works offline: it only reads hub ids already in the local Hugging Face cache")
     try:
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import LocalEntryNotFoundError

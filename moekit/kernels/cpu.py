@@ -134,7 +134,7 @@ def records_grad(*tensors: Tensor | None) -> bool:
 
 def bucket_rows(rows: int) -> int:
     """Rows an expert group is padded to: below ``PAD_MIN_ROWS`` none; else a multiple of 8, and of
-    ``2**(floor(log2(rows)) - 4)`` (at most 1/16 extra rows), so a training run meets ~16
+    ``2**(floor(log2(rows)) - 4)`` (at most 7 extra rows below 128 rows, 1/16 from there), so a run meets ~16
     distinct row counts per octave."""
     if rows < PAD_MIN_ROWS:
         return max(rows, 0)

@@ -295,6 +295,11 @@ def _train(out: Path, model_config, train_config, train_changes, data, resume, s
                                  "train_config": cfg.to_dict()})
             _truncate_metrics(out, step)
         log(f"resuming {out} from step {step}")
+        before = TrainConfig.from_dict(info["train_config"])
+        if before.max_steps != cfg.max_steps and step >= cfg.warmup_steps:
+            log(f"note: the cosine schedule now ends at step {cfg.max_steps}, not {before.max_steps}: the "
+                f"learning rate of step {step + 1} is {cfg.lr_at(step):.3g} (it would have been "
+                f"{before.lr_at(step):.3g}); a run resumed unchanged continues exactly")
     fwd = torch.compile(model) if cfg.compile else model
 
     def save(at: int) -> Path:

@@ -121,6 +121,10 @@ def test_hub_ids_only_from_the_local_cache(tmp_path, ckpt, monkeypatch):
     msg = "moekit works offline.*'someone/tiny-moe' is not there.*hf download"
     with pytest.raises(FileNotFoundError, match=msg):
         from_pretrained("someone/tiny-moe")
+    (tmp_path / "out").mkdir()
+    monkeypatch.chdir(tmp_path)  # "out/x": a local directory "out" exists, so it may be a typo
+    with pytest.raises(FileNotFoundError, match=r"out/x: no such local directory \(\./out has no 'x'\)"):
+        from_pretrained("out/x")
     repo = tmp_path / "cache" / "models--someone--tiny-moe"
     commit = "0123456789abcdef0123456789abcdef01234567"
     shutil.copytree(ckpt / "single", repo / "snapshots" / commit)

@@ -102,9 +102,11 @@ def test_resume_accepts_the_data_path_spelled_otherwise_and_a_torn_metrics_line(
     with (tmp_path / "run" / "metrics.jsonl").open("a") as f:
         f.write('{"step": 5, "split": "tr')  # a line cut short by a crash
     monkeypatch.chdir(tmp_path)
+    said = []
     result = train("run", resume=True, data=f"{text_dir.name}/", train_changes={"max_steps": 3},
-                   show_progress=False, log=lambda s: None)
+                   show_progress=False, log=said.append)
     assert result.step == 3
+    assert any("cosine schedule now ends at step 3, not 2" in line for line in said), said
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert all(json.loads(line)["step"] <= 3 for line in lines)
 
