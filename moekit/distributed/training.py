@@ -88,6 +88,23 @@ class ExpertParallelRun:
             raise kind(f"rank 0 failed: {box[0]}")
         return result if self.is_main else box[1]
 
+    def split_rng(self, saved: list[Any] | None = None) -> None:
+        """Give each rank its own torch RNG stream (routing noise must differ between the ranks'
+        tokens): ``saved[rank]`` when a checkpoint of as many ranks holds them (an exact resume), else
+        one seed drawn alike on every rank (same state), plus the rank."""
+        from moekit.train.checkpoint import restore_rng_state
+
+        if saved is not None and len(saved) == self.world_size:
+            restore_rng_state(saved[self.rank])
+            return
+        torch.manual_seed(int(torch.randint(0, 2**62, ())) + self.rank)
+
+    def gather_objects(self, obj: T) -> list[T]:
+        """``obj`` of every rank, in rank order (pickled: keep it small)."""
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
     def any_rank(self, flag: bool) -> bool:
         """True on every rank if ``flag`` is True on any (e.g. a stop signal seen by one rank)."""
         t = torch.tensor([1.0 if flag else 0.0], device=self._comm_device())

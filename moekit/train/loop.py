@@ -281,7 +281,7 @@ def _train(out: Path, model_config, train_config, train_changes, data, resume, s
     optimizer = _optimizer(model, cfg)
     stream = TokenStream(tokens["train"], cfg.seq_len, cfg.batch_size, seed=cfg.seed)
     val_batches = validation_batches(tokens["validation"], cfg.seq_len, cfg.batch_size, cfg.eval_batches)
-    step, val_loss, loss_value = 0, None, None
+    step, val_loss, loss_value, state = 0, None, None, {}
     if resume:
         _check_checkpoint_config(checkpoints[-1][1], model_config)
         state = load_checkpoint(checkpoints[-1][1], model, optimizer, device=device)
@@ -300,6 +300,8 @@ def _train(out: Path, model_config, train_config, train_changes, data, resume, s
             log(f"note: the cosine schedule now ends at step {cfg.max_steps}, not {before.max_steps}: the "
                 f"learning rate of step {step + 1} is {cfg.lr_at(step):.3g} (it would have been "
                 f"{before.lr_at(step):.3g}); a run resumed unchanged continues exactly")
+    if ep is not None:  # same weights everywhere; now each rank its own noise (jitter, noisy top-k)
+        ep.split_rng(state.get("rng_ranks"))
     fwd = torch.compile(model) if cfg.compile else model
 
     def save(at: int) -> Path:
@@ -308,6 +310,7 @@ def _train(out: Path, model_config, train_config, train_changes, data, resume, s
                  "model_config": model_config.to_dict(), "train_config": cfg.to_dict()}
         if ep is None:
             return _save(out, at, model, optimizer, state, keep_last=cfg.keep_last)
+        state["rng_ranks"] = ep.gather_objects(state["rng"])
         with ep.unsharded(model, optimizer):  # one single-file checkpoint with every expert
             return ep.run_on_main(lambda: _save(out, at, model, optimizer, state, keep_last=cfg.keep_last),
                                   share_result=True)

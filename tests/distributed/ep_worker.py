@@ -45,6 +45,7 @@ def main() -> None:
         ("train", lambda: train_checks.check_train(tmp, data)),
         ("resume", lambda: train_checks.check_resume_across_sizes(tmp)),
         ("train_errors", lambda: train_checks.check_train_errors(tmp, data)),
+        ("noise", lambda: train_checks.check_routing_noise_per_rank(tmp, data)),
         ("dead_peer", lambda: comm_checks.check_dead_peer(rank)),
     ]
     for name, fn in sections:

@@ -114,5 +114,9 @@ def test_ep_run_holds_the_run_lock_and_checks_the_ep_size_first(run):
     passed(run, "train_errors")
 
 
+def test_each_rank_draws_its_own_routing_noise_and_resumes_it_exactly(run):
+    passed(run, "noise")
+
+
 def test_dead_peer_fails_fast(run):
     passed(run, "dead_peer", ranks=(0,))
