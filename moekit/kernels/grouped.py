@@ -44,7 +44,8 @@ def grouped_mm_supported(x_SI: Tensor, w_EOI: Tensor) -> bool:
         return False
     if x_SI.device.type == "cuda" and torch.cuda.get_device_capability(x_SI.device) < (8, 0):
         return False
-    return _aligned(x_SI) and _aligned(w_EOI)
+    # The output rows (and the backward's gradient rows) must be 16-byte multiples too.
+    return _aligned(x_SI) and _aligned(w_EOI) and (w_EOI.shape[1] * x_SI.element_size()) % 16 == 0
 
 
 def grouped_mm_loop(x_SI: Tensor, w_EOI: Tensor, counts_E: Tensor) -> Tensor:

@@ -58,6 +58,18 @@ def test_grouped_takes_any_strides_the_reference_takes():
         torch.testing.assert_close(gx, gx_ref)
 
 
+def test_grouped_trains_with_output_rows_that_are_not_16_byte_multiples():
+    """A 5-wide output (20-byte rows): grouped_mm's backward refuses it, so the seam takes its loop."""
+    torch.manual_seed(0)
+    x, w = torch.randn(80, 16, requires_grad=True), torch.randn(4, 5, 16, requires_grad=True)
+    counts = torch.tensor([30, 0, 40, 10])
+    assert not grouped_mm_supported(x, w)
+    y, ref = grouped_mm(x, w, counts, "grouped"), grouped_mm_reference(x, w, counts)
+    torch.testing.assert_close(y, ref)
+    for got, want in zip(torch.autograd.grad(y.sum(), (x, w)), torch.autograd.grad(ref.sum(), (x, w))):
+        torch.testing.assert_close(got, want)
+
+
 def test_register_backend_plugs_into_the_layer():
     calls = []
 
