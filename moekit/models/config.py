@@ -8,6 +8,7 @@ overrides.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,8 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
 def _check_float(name: str, value: Any, *, positive: bool) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise ValueError(f"ModelConfig.{name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"ModelConfig.{name} must be finite, got {value!r}")
     if (positive and not value > 0) or (not positive and value < 0):
         kind = "> 0" if positive else ">= 0"
         raise ValueError(f"ModelConfig.{name} must be {kind}, got {value!r}")
@@ -178,6 +181,14 @@ class ModelConfig:
                 )
         if self.num_experts > 0 and any(self.is_moe_layer(i) for i in range(self.num_hidden_layers)):
             self.moe_config()  # validates the MoE fields (router/top_k/capacity...) with MoEConfig's messages
+
+    @property
+    def experts_per_token(self) -> float:
+        """Routed experts one token uses: ``top_k``, or for ``expert_choice`` (each expert takes
+        ``T * capacity_factor / E`` tokens) ``capacity_factor`` (default 1.0) on average."""
+        if self.router == "expert_choice":
+            return min(float(self.num_experts), 1.0 if self.capacity_factor is None else self.capacity_factor)
+        return float(self.top_k)
 
     def is_moe_layer(self, i: int) -> bool:
         """True when layer ``i`` has a sparse MoE feed-forward, False for a dense SwiGLU FFN."""

@@ -47,7 +47,8 @@ def layer_counts(config: ModelConfig) -> tuple[list[LayerCount], dict[str, int],
         ffn_active = ffn
         if layer.is_moe:
             experts = _numel(layer.mlp.experts)
-            ffn_active -= experts // config.num_experts * (config.num_experts - config.top_k)
+            unused = config.num_experts - config.experts_per_token
+            ffn_active -= round(experts / config.num_experts * unused)
         norms = _numel(layer.input_layernorm) + _numel(layer.post_attention_layernorm)
         kind = "moe" if layer.is_moe else "dense"
         rows.append(LayerCount(kind, _numel(layer.self_attn), ffn, ffn_active, norms))
@@ -102,7 +103,9 @@ def describe(config: ModelConfig, context: int | None = None) -> str:
         f"heads {c.num_attention_heads}/{c.num_key_value_heads} kv x {c.head_dim}, vocab {c.vocab_size}, "
         f"context {c.max_position_embeddings}, rope theta {c.rope_theta:g}"
         + (f", sliding window {c.sliding_window}" if c.sliding_window else ""),
-        (f"experts: {c.num_experts} x (width {c.moe_intermediate_size}), top-{c.top_k}, router {c.router}"
+        (f"experts: {c.num_experts} x (width {c.moe_intermediate_size}), "
+         + (f"top-{c.top_k}" if c.router != "expert_choice" else f"~{c.experts_per_token:g} per token")
+         + f", router {c.router}"
          + shared if c.num_experts else "experts: none (a dense model)")
         + f"; dense FFN width {c.intermediate_size}; tied head: {c.tie_word_embeddings}",
         f"parameters: total {total:,} ({_human(total)}), active per token {active:,} ({_human(active)}), "

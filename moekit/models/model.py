@@ -162,7 +162,8 @@ class MoEForCausalLM(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Normal(0, initializer_range) for every matrix (experts, router too), zero biases, unit norms."""
+        """Normal(0, initializer_range) for every matrix (experts, router too), zero biases, unit norms;
+        ``noisy_topk``'s noise projection starts at zero (as in Shazeer et al.'s code and ``moekit.MoE``)."""
         std = self.config.initializer_range
         for name, p in self.named_parameters():
             if p.device.type == "meta":
@@ -170,7 +171,7 @@ class MoEForCausalLM(nn.Module):
             leaf = name.rsplit(".", 1)[-1]
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
-            elif leaf == "bias" or p.dim() < 2:
+            elif leaf in ("bias", "noise_weight") or p.dim() < 2:
                 p.zero_()
             else:
                 p.normal_(0.0, std)
@@ -253,7 +254,8 @@ class MoEForCausalLM(nn.Module):
         """Parameters counted once (tied head included once).
 
         ``active=True`` counts what one token touches: everything except, in each MoE layer, the
-        weights of the ``num_experts - top_k`` experts it does not choose.
+        weights of the ``num_experts - top_k`` experts it does not choose (``expert_choice``: of all
+        but ``config.experts_per_token`` experts, on average).
         """
         total = sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
         if not active:
@@ -261,5 +263,5 @@ class MoEForCausalLM(nn.Module):
         cfg = self.config
         for moe in self.moe_layers():
             expert_params = sum(p.numel() for p in moe.experts.parameters())
-            total -= expert_params // cfg.num_experts * (cfg.num_experts - cfg.top_k)
+            total -= round(expert_params / cfg.num_experts * (cfg.num_experts - cfg.experts_per_token))
         return total

@@ -172,3 +172,26 @@ def test_describe_reports_counts_memory_and_flops():
     assert f["attention"] == 4 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * 4.5  # mean keys
     windowed = flops_per_token(c.replace(sliding_window=2), context=8)["attention"]
     assert windowed == 4 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * (1 + 2 * 7) / 8
+
+
+def test_expert_choice_counts_capacity_factor_experts_per_token():
+    """Each expert takes T * capacity_factor / E tokens: a token uses capacity_factor experts on
+    average, whatever top_k says."""
+    from moekit.models.info import describe, layer_counts
+
+    for factor, per_token in ((None, 1.0), (2.0, 2.0)):
+        c = cfg(router="expert_choice", capacity_factor=factor)
+        model = MoEForCausalLM(c)
+        per_expert = sum(p.numel() for p in model.moe_layers()[0].experts.parameters()) // c.num_experts
+        inactive = len(model.moe_layers()) * per_expert * (c.num_experts - per_token)
+        assert c.experts_per_token == per_token
+        assert model.num_parameters(active=True) == model.num_parameters() - inactive
+        rows, other, _ = layer_counts(c)
+        assert sum(r.active for r in rows) + sum(other.values()) == model.num_parameters(active=True)
+        assert f"~{per_token:g} per token" in describe(c)
+
+
+def test_noisy_topk_noise_projection_starts_at_zero_in_the_lm():
+    model = MoEForCausalLM(cfg(router="noisy_topk"))
+    for moe in model.moe_layers():
+        assert torch.count_nonzero(moe.gate.noise_weight) == 0 and torch.count_nonzero(moe.gate.weight) > 0
