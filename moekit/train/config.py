@@ -25,8 +25,8 @@ class TrainConfig:
         batch_size: sequences per micro-batch ``B``.
         seq_len: tokens per sequence ``S`` (at most the model's ``max_position_embeddings``).
         grad_accum: micro-batches per optimizer step (tokens per step = ``B * S * grad_accum``).
-        lr: peak learning rate, reached after ``warmup_steps`` linear steps, then cosine decay
-            to ``lr * min_lr_ratio`` at ``max_steps``.
+        lr: peak learning rate, reached at the last of ``warmup_steps`` linear steps, then cosine
+            decay to ``lr * min_lr_ratio``, the rate of the last step (``max_steps - 1``).
         weight_decay: AdamW decoupled weight decay on matrices (not on norms / biases).
         beta1, beta2: AdamW betas.
         grad_clip: clip the global gradient norm to this value (0 disables).
@@ -74,9 +74,11 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
                 raise ValueError(f"TrainConfig.{name} must be an int >= {minimum}, got {value!r}")
+        if self.seed >= 2**63:  # torch.manual_seed takes 64 bits; the data order adds to the seed
+            raise ValueError(f"TrainConfig.seed must be < 2**63, got {self.seed!r}")
         for name in ("max_train_chars", "max_val_chars", "tokenizer_chars"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"TrainConfig.{name} must be an int >= 1 or None, got {value!r}")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"TrainConfig.lr must be a finite number > 0, got {self.lr!r}")
@@ -101,8 +103,9 @@ class TrainConfig:
         """Learning rate of optimizer step ``step`` (0-based): linear warmup, then cosine decay."""
         if step < self.warmup_steps:
             return self.lr * (step + 1) / self.warmup_steps
-        span = max(1, self.max_steps - self.warmup_steps)
-        progress = min(1.0, (step - self.warmup_steps) / span)
+        # The peak is the warmup's last step (or step 0 without warmup); the last step gets the floor.
+        peak = max(0, self.warmup_steps - 1)
+        progress = min(1.0, (step - peak) / max(1, self.max_steps - 1 - peak))
         floor = self.lr * self.min_lr_ratio
         return floor + 0.5 * (self.lr - floor) * (1 + math.cos(math.pi * progress))
 

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from moekit.core.losses import expert_counts
 from moekit.train.checkpoint import capture_rng_state, list_checkpoints, load_checkpoint, restore_rng_state
 from moekit.train.checkpoint import save_checkpoint as _save
 from moekit.train.config import TrainConfig, resume_train_config
@@ -132,9 +133,12 @@ def evaluate(
 
 
 def _load_stats(routing: list[Any] | None) -> list[torch.Tensor]:
+    """Per MoE layer ``(2, E)``: the slots routed to each expert (the router's choice), and those it
+    processed (after capacity drops)."""
     if not routing:
         return []
-    return [info.tokens_per_expert.detach().to("cpu", torch.float64) for info in routing]
+    return [torch.stack([expert_counts(info.expert_ids, info.tokens_per_expert.shape[0]).double(),
+                         info.tokens_per_expert.double()]).cpu() for info in routing]
 
 
 def _append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
@@ -352,16 +356,19 @@ def _train(out: Path, model_config, train_config, train_changes, data, resume, s
             step += 1
             elapsed = time.perf_counter() - t0
             loss_value = loss_sum / cfg.grad_accum
-            cvs = [float(t.std(unbiased=False) / t.mean()) if t.sum() > 0 else 0.0 for t in loads]
+            routed = [t[0] for t in loads]
+            cvs = [float(t.std(unbiased=False) / t.mean()) if t.sum() > 0 else 0.0 for t in routed]
+            drops = [float(1 - t[1].sum() / t[0].sum()) if t[0].sum() > 0 else 0.0 for t in loads]
             metrics = {
                 "step": step, "split": "train", "loss": loss_value, "aux_loss": aux_sum / cfg.grad_accum,
                 "lr": lr, "grad_norm": grad_norm, "tokens_per_s": cfg.tokens_per_step / elapsed,
-                "load_cv": sum(cvs) / len(cvs) if cvs else 0.0, "epoch": stream.epoch,
+                "load_cv": sum(cvs) / len(cvs) if cvs else 0.0,
+                "drop_rate": sum(drops) / len(drops) if drops else 0.0, "epoch": stream.epoch,
                 "tokens_seen": stream.position * cfg.seq_len,
             }
             if main and (step % cfg.log_every == 0 or step == cfg.max_steps):
                 record = dict(metrics, load_cv_per_layer=cvs,
-                              expert_load=[(t / t.sum().clamp_min(1)).tolist() for t in loads])
+                              expert_load=[(t / t.sum().clamp_min(1)).tolist() for t in routed])
                 _append_metrics(out, record)
             if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps:
                 val_loss = evaluate(model, val_batches, device, ep)

@@ -141,3 +141,19 @@ def test_sigmoid_bias_routers_update_their_bias_after_each_step(tmp_path, text_d
         steps = bias / gamma  # each step moves each expert's bias by -gamma, 0 or +gamma
         assert bias.abs().sum() > 0 and bias.abs().max() <= 3 * gamma + 1e-6
         torch.testing.assert_close(steps, steps.round(), atol=1e-4, rtol=0)
+
+
+def test_metrics_count_routed_slots_and_the_capacity_drop_rate(tmp_path, text_dir):
+    """expert_load / load_cv describe the router's choice (before drops); drop_rate what a capacity
+    dropped. Top-1 with capacity_factor 0.5: at least half of the slots cannot fit."""
+    _run(tmp_path / "cap", text_dir, model_config=micro_model(router="switch", top_k=1, capacity_factor=0.5),
+         train_config=micro_train(max_steps=2, eval_every=0, save_every=0))
+    _run(tmp_path / "free", text_dir, train_config=micro_train(max_steps=2, eval_every=0, save_every=0))
+    for name, dropping in (("cap", True), ("free", False)):
+        lines = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        for line in (x for x in lines if x["split"] == "train"):
+            assert all(sum(layer) == pytest.approx(1.0) for layer in line["expert_load"])
+            if dropping:
+                assert line["drop_rate"] >= 0.5 - 1e-9
+            else:
+                assert line["drop_rate"] == 0.0
