@@ -5,8 +5,9 @@ Layout of one checkpoint, ``RUN/checkpoints/step_XXXXXXX/``:
     optimizer.safetensors  every tensor of the optimizer state, keyed ``state.{param}.{name}``
     optimizer.json         the rest of the optimizer state_dict (param_groups, non-tensor values)
     state.json             step, RNG states, data position, anything the loop adds
-A checkpoint is written into a hidden temporary directory next to its final place and moved there
-with one ``os.replace``: a reader sees either the whole checkpoint or none of it.
+A checkpoint is written into a hidden temporary directory next to its final place, flushed to disk
+(fsync) and moved there with one ``os.replace``: a reader sees either the whole checkpoint or none
+of it, and a crash or power loss never leaves a half-written one in its place.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 
 CHECKPOINT_DIR = "checkpoints"
 _PREFIX = "step_"
+_OLD = ".old-"
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
@@ -93,18 +95,60 @@ def checkpoint_name(step: int) -> str:
     return f"{_PREFIX}{step:07d}"
 
 
+def _step_of(name: str) -> int | None:
+    """The step of ``step_XXXXXXX``, or of ``.old-step_XXXXXXX-PID`` (a checkpoint being replaced)."""
+    if name.startswith(_OLD):
+        name = name[len(_OLD) :].rsplit("-", 1)[0]
+    digits = name[len(_PREFIX) :]
+    return int(digits) if name.startswith(_PREFIX) and digits.isdigit() else None
+
+
 def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """Complete checkpoints of a run as ``(step, path)``, oldest first."""
+    """Complete checkpoints of a run as ``(step, path)``, oldest first.
+
+    A step whose directory is missing but whose previous copy (``.old-step_*``, left by a crash while
+    a step was saved again) is complete counts with that copy; :func:`save_checkpoint` puts it back.
+    """
     root = Path(run_dir) / CHECKPOINT_DIR
     if not root.is_dir():
         return []
-    found = []
+    found: dict[int, Path] = {}
+    for path in sorted(root.iterdir(), key=lambda p: p.name.startswith(_OLD)):  # finals first
+        step = _step_of(path.name)
+        complete = all((path / name).is_file() for name in ("state.json", "model.safetensors"))
+        if step is not None and complete and step not in found:
+            found[step] = path
+    return sorted(found.items())
+
+
+def _tidy(root: Path) -> None:
+    """Remove what an interrupted save left (``.tmp-*``), put back a step whose replacement was cut
+    short (``.old-*`` without its final directory). Only the run's writer calls it (the run lock)."""
     for path in root.iterdir():
-        name = path.name
-        numbered = path.is_dir() and name.startswith(_PREFIX) and name[len(_PREFIX):].isdigit()
-        if numbered and (path / "state.json").is_file() and (path / "model.safetensors").is_file():
-            found.append((int(name[len(_PREFIX):]), path))
-    return sorted(found)
+        if path.name.startswith(".tmp-step_"):
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.name.startswith(_OLD) and (step := _step_of(path.name)) is not None:
+            final = root / checkpoint_name(step)
+            if final.exists():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.replace(path, final)
+
+
+def _fsync_tree(path: Path) -> None:
+    """Flush the files of ``path`` and the directory itself to disk (a power loss keeps them)."""
+    for child in path.iterdir():
+        with open(child, "rb") as handle:
+            os.fsync(handle.fileno())
+    _fsync_dir(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def save_checkpoint(
@@ -124,24 +168,32 @@ def save_checkpoint(
         raise ValueError(f"keep_last must be >= 1 or None, got {keep_last!r}")
     root = Path(run_dir) / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
+    _tidy(root)
     final = root / checkpoint_name(step)
     tmp = root / f".tmp-{checkpoint_name(step)}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_model(model, str(tmp / "model.safetensors"))
-    if optimizer is not None:
-        tensors, index = flatten_optimizer_state(optimizer.state_dict())
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
-        write_json_atomic(tmp / "optimizer.json", index)
-    write_json_atomic(tmp / "state.json", {**state, "step": step})
+    try:
+        save_model(model, str(tmp / "model.safetensors"))
+        if optimizer is not None:
+            tensors, index = flatten_optimizer_state(optimizer.state_dict())
+            save_file(tensors, str(tmp / "optimizer.safetensors"))
+            write_json_atomic(tmp / "optimizer.json", index)
+        write_json_atomic(tmp / "state.json", {**state, "step": step})
+        _fsync_tree(tmp)
+    except BaseException:  # a full disk, a second Ctrl-C: nothing half-written stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():  # re-saving a step (e.g. an interrupt right after a periodic save)
-        old = root / f".old-{checkpoint_name(step)}-{os.getpid()}"
-        os.replace(final, old)
+        old = root / f"{_OLD}{checkpoint_name(step)}-{os.getpid()}"
+        os.replace(final, old)  # a crash from here to the next line leaves `old`: list_checkpoints takes it
         os.replace(tmp, final)
+        _fsync_dir(root)
         shutil.rmtree(old)
     else:
         os.replace(tmp, final)
+        _fsync_dir(root)
     if keep_last is not None:
         for _, path in list_checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(path)

@@ -61,6 +61,30 @@ def test_a_failed_write_leaves_earlier_checkpoints_untouched(tmp_path, monkeypat
     assert [s for s, _ in ck.list_checkpoints(tmp_path)] == [1]
     assert (tmp_path / "checkpoints" / "step_0000001" / "model.safetensors").read_bytes() == before
     assert not (tmp_path / "checkpoints" / "step_0000002").exists()
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_0000001"]  # no temporary left
+
+
+def test_a_crash_while_a_step_is_saved_again_keeps_that_step(tmp_path, monkeypatch):
+    """Re-saving a step moves the old copy aside before the new one takes its place; a crash in
+    between leaves only the old copy: it still counts, and the next save puts it back."""
+    model, opt = _model_and_opt()
+    ck.save_checkpoint(tmp_path, 3, model, opt, {"first": True}, keep_last=1)
+    real_replace = ck.os.replace
+
+    def crash_before_the_new_copy_lands(src, dst):
+        if str(src).rsplit("/", 1)[-1].startswith(".tmp-step_"):
+            raise KeyboardInterrupt  # killed between moving the old copy aside and the new one in
+        real_replace(src, dst)
+
+    monkeypatch.setattr(ck.os, "replace", crash_before_the_new_copy_lands)
+    with pytest.raises(KeyboardInterrupt):
+        ck.save_checkpoint(tmp_path, 3, model, opt, {"second": True}, keep_last=1)
+    monkeypatch.setattr(ck.os, "replace", real_replace)
+    assert not (tmp_path / "checkpoints" / "step_0000003").exists()
+    [(step, path)] = ck.list_checkpoints(tmp_path)
+    assert step == 3 and ck.load_checkpoint(path, _model_and_opt(1)[0])["first"]
+    ck.save_checkpoint(tmp_path, 4, model, opt, {}, keep_last=2)  # tidies: step 3 back in place
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_0000003", "step_0000004"]
 
 
 def test_rng_round_trip():
