@@ -93,7 +93,8 @@ class TrainConfig:
         if not 0 < self.val_fraction <= 0.5:
             raise ValueError(f"TrainConfig.val_fraction must be in (0, 0.5], got {self.val_fraction!r}")
         if not isinstance(self.device, str) or not (
-            self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")
+            self.device in ("auto", "cpu", "cuda")
+            or (self.device.startswith("cuda:") and self.device[5:].isdigit())
         ):
             raise ValueError(
                 f"TrainConfig.device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}"
