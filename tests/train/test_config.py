@@ -25,7 +25,8 @@ def test_warmup_then_cosine_to_the_floor():
     "kwargs, field",
     [({"max_steps": 0}, "max_steps"), ({"lr": -1.0}, "lr"), ({"lr": math.inf}, "lr"),
      ({"beta2": 1.0}, "beta2"), ({"device": "tpu"}, "device"), ({"device": "cuda:abc"}, "device"),
-     ({"seq_len": 1}, "seq_len"),
+     ({"seq_len": 1}, "seq_len"), ({"lr": True}, "lr"), ({"weight_decay": math.inf}, "weight_decay"),
+     ({"min_lr_ratio": "0.1"}, "min_lr_ratio"), ({"compile": 1}, "compile"),
      ({"max_train_chars": 0}, "max_train_chars"), ({"min_lr_ratio": 2.0}, "min_lr_ratio"),
      ({"seed": 2**64}, "seed must be < 2"), ({"max_train_chars": True}, "max_train_chars")],
 )
