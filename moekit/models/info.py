@@ -106,7 +106,7 @@ def describe(config: ModelConfig, context: int | None = None) -> str:
         (f"experts: {c.num_experts} x (width {c.moe_intermediate_size}), "
          + (f"top-{c.top_k}" if c.router != "expert_choice" else f"~{c.experts_per_token:g} per token")
          + f", router {c.router}"
-         + shared if c.num_experts else "experts: none (a dense model)")
+         + shared if any(r.kind == "moe" for r in rows) else "experts: none (a dense model)")
         + f"; dense FFN width {c.intermediate_size}; tied head: {c.tie_word_embeddings}",
         f"parameters: total {total:,} ({_human(total)}), active per token {active:,} ({_human(active)}), "
         f"{active / total:.1%} active",

@@ -195,3 +195,9 @@ def test_noisy_topk_noise_projection_starts_at_zero_in_the_lm():
     model = MoEForCausalLM(cfg(router="noisy_topk"))
     for moe in model.moe_layers():
         assert torch.count_nonzero(moe.gate.noise_weight) == 0 and torch.count_nonzero(moe.gate.weight) > 0
+
+
+def test_describe_says_dense_when_no_layer_is_moe():
+    from moekit.models.info import describe
+
+    assert "experts: none (a dense model)" in describe(cfg(first_k_dense_replace=3))
