@@ -122,6 +122,10 @@ class MoEModel(nn.Module):
             limit = self.config.max_position_embeddings
             if limit < S:
                 raise ValueError(f"sequence length {S} exceeds max_position_embeddings={limit}")
+            if input_pos is not None and (input_pos.shape != (S,) or (S and int(input_pos.max()) >= limit)):
+                top = f" up to {int(input_pos.max())}" if input_pos.numel() else ""
+                raise ValueError(f"input_pos must be ({S},) positions below max_position_embeddings={limit}, "
+                                 f"got shape {tuple(input_pos.shape)}{top}")
             window = self.config.sliding_window
             if window is None or window >= S:
                 mask = None

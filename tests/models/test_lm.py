@@ -201,3 +201,12 @@ def test_describe_says_dense_when_no_layer_is_moe():
     from moekit.models.info import describe
 
     assert "experts: none (a dense model)" in describe(cfg(first_k_dense_replace=3))
+
+
+def test_input_pos_without_a_cache_is_checked():
+    model = MoEForCausalLM(cfg(max_position_embeddings=16))
+    ids = torch.randint(0, 40, (1, 4))
+    assert model.model(ids, input_pos=torch.arange(4) + 12)[0].shape == (1, 4, 32)  # positions 12..15
+    for bad in (torch.arange(4) + 13, torch.arange(4)[None]):
+        with pytest.raises(ValueError, match=r"input_pos must be \(4,\) positions below"):
+            model.model(ids, input_pos=bad)
