@@ -10,6 +10,7 @@ of the stacked parameters, one shard at a time, so saving needs no second copy o
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,8 +28,9 @@ _TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.
                       torch.float64: "float64"}
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-    "generation_config.json", "tokenizer.model", "tekken.json",
+    "chat_template.json", "generation_config.json", "tokenizer.model", "tekken.json",
 )
+TEMPLATES_DIR = "additional_chat_templates"  # transformers 5's named chat templates, one file each
 
 
 def _check_model(model: Any) -> MoEForCausalLM:
@@ -209,7 +211,24 @@ def convert(
         _write_mistral(cfg, items, dst_dir, max_shard_size)
         if tokenizer is not None:
             save_tokenizer(tokenizer, dst_dir)
-    for name in TOKENIZER_FILES:
-        if (src_dir / name).is_file() and not (dst_dir / name).exists():
-            shutil.copyfile(src_dir / name, dst_dir / name)
+    if tokenizer is None:  # a checkpoint: its tokenizer files and generation defaults come along
+        _copy_tokenizer_files(src_dir, dst_dir)
     return dst_dir
+
+
+def _copy_tokenizer_files(src_dir: Path, dst_dir: Path) -> None:
+    """Make ``dst_dir``'s tokenizer files (and ``generation_config.json``, whose eos list and sampling
+    defaults the source knows better than the config) those of ``src_dir``: copied over, and the
+    ones the source lacks removed, so a converted directory never keeps another model's tokenizer."""
+    for name in TOKENIZER_FILES:
+        source, target = src_dir / name, dst_dir / name
+        if source.is_file():
+            tmp = target.with_name(f".{name}.tmp-{os.getpid()}")
+            shutil.copyfile(source, tmp)
+            os.replace(tmp, target)
+        elif name != "generation_config.json":  # (the one just written stays when the source has none)
+            target.unlink(missing_ok=True)
+    if (dst_dir / TEMPLATES_DIR).is_dir():
+        shutil.rmtree(dst_dir / TEMPLATES_DIR)
+    if (src_dir / TEMPLATES_DIR).is_dir():
+        shutil.copytree(src_dir / TEMPLATES_DIR, dst_dir / TEMPLATES_DIR)

@@ -91,3 +91,33 @@ def test_convert_a_moekit_training_run(tmp_path):
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert hf_tok.encode("def add(a, b):") == tok.encode("def add(a, b):").ids
     assert hf_tok.eos_token_id == model.config.eos_token_id
+
+
+def test_convert_carries_the_source_tokenizer_and_generation_defaults(tmp_path):
+    """The eos list of generation_config.json, named chat templates (additional_chat_templates/),
+    and, converting into a directory that held another model, the new model's tokenizer."""
+    from moekit.hf import convert, load_tokenizer
+    from moekit.hf.chat import stop_token_ids
+
+    from .builders import tiny_hf, tiny_tokenizer
+
+    def checkpoint(path, model_type, eos, templates, eos_ids=None):
+        extra = {"eos_token_id": eos_ids} if eos_ids else {}
+        tiny_hf(model_type, seed=len(str(path)), **extra).save_pretrained(path)
+        transformers.PreTrainedTokenizerFast(tokenizer_object=tiny_tokenizer(), eos_token=eos,
+                                             chat_template=templates).save_pretrained(path)
+
+    checkpoint(tmp_path / "a", "mixtral", "</s>", "A-TEMPLATE")
+    named = {"default": "{{ messages[0].content }}", "tool_use": "TOOLS {{ tools | tojson }}"}
+    checkpoint(tmp_path / "b", "qwen2_moe", "<|im_end|>", named, eos_ids=[4, 3])
+    convert(tmp_path / "a", tmp_path / "out")
+    convert(tmp_path / "b", tmp_path / "out")  # over a converted other model
+    tok = load_tokenizer(tmp_path / "out")
+    assert tok.special_tokens["eos_token"] == "<|im_end|>"
+    assert sorted(tok.chat_template) == ["default", "tool_use"]
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tools=tools).startswith("TOOLS")
+    generation = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == [4, 3]
+    model = from_pretrained(tmp_path / "out")
+    assert {3, 4} <= set(stop_token_ids(tmp_path / "out", model, tok))
