@@ -177,6 +177,7 @@ class HFTokenizer:
         chat_template: str | None = None,
         tools: list[dict] | None = None,
         documents: list[dict] | None = None,
+        continue_final_message: bool = False,
         **kwargs: Any,
     ) -> str | list[int]:
         """Render a conversation (``[{"role": ..., "content": ...}, ...]``) with the chat template.
@@ -184,9 +185,17 @@ class HFTokenizer:
         ``chat_template`` is a template name (of several) or None. Extra ``kwargs`` are visible to the
         template and override the special tokens, as in transformers. With ``tokenize`` the rendered
         text is encoded without adding special tokens (the template writes them).
+        ``continue_final_message``: the text ends with the last message's content (no end-of-turn
+        after it), so a model continues that message, as transformers does. ``tools`` are JSON-schema
+        dicts (transformers also turns Python functions into them; moekit does not).
         """
         if not messages:
             raise ValueError("cannot apply a chat template to an empty conversation")
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt exclude each other")
+        if tools is not None and any(callable(t) for t in tools):
+            raise TypeError("tools must be JSON-schema dicts ({'type': 'function', 'function': {...}}), "
+                            "not Python functions")
         template = compile_chat_template(self.get_chat_template(chat_template, tools))
         text = template.render(
             messages=_clean_messages(list(messages)),
@@ -195,6 +204,16 @@ class HFTokenizer:
             add_generation_prompt=add_generation_prompt,
             **{**self.special_tokens, **kwargs},
         )
+        if continue_final_message:
+            final = messages[-1].get("content")
+            if isinstance(final, (list, tuple)):  # multimodal parts: the last text part
+                texts = [p["text"] for p in final if isinstance(p, dict) and "text" in p]
+                final = texts[-1] if texts else None
+            final = (final or "").strip()
+            if not final or final not in text:
+                raise ValueError("continue_final_message: the final message does not appear in the rendered "
+                                 "chat (the template changes it)")
+            text = text[: text.rindex(final) + len(final)]
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
 

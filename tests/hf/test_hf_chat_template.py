@@ -93,6 +93,19 @@ def test_render_equals_transformers(saved, name, add_generation_prompt):
             assert tok.apply_chat_template(messages, tokenize=True, **kw) == list(ids)
 
 
+def test_continue_final_message_like_transformers_and_tool_functions_refused(saved):
+    hf_tok, path = saved["chatml"]
+    tok = load_tokenizer(path)
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "I am"}]
+    expected = hf_tok.apply_chat_template(messages, continue_final_message=True, tokenize=False)
+    assert tok.apply_chat_template(messages, continue_final_message=True) == expected
+    assert expected.endswith("assistant\nI am")
+    with pytest.raises(ValueError, match="exclude each other"):
+        tok.apply_chat_template(messages, continue_final_message=True, add_generation_prompt=True)
+    with pytest.raises(TypeError, match="JSON-schema dicts"):
+        tok.apply_chat_template(messages[:1], tools=[len])
+
+
 def test_none_values_reasoning_and_loop_controls_like_transformers(saved):
     hf_tok, path = saved["tools"]
     tok = load_tokenizer(path)
