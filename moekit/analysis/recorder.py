@@ -131,7 +131,7 @@ class LayerRecord:
         self.first_counts += np.bincount(first_T[first_T >= 0], minlength=E)
         self.coselection += coselection(ids_TK, E)
         B, S = shape_BS
-        pairs = consecutive_counts(ids_TK.reshape(B, S, -1), first_T.reshape(B, S), E)
+        pairs = consecutive_counts(ids_TK.reshape(B, S, ids_TK.shape[1]), first_T.reshape(B, S), E)
         self.consecutive = tuple(a + b for a, b in zip(self.consecutive, pairs))  # type: ignore[assignment]
         if token_ids_T is not None:
             self._add_tokens(ids_TK, token_ids_T)

@@ -164,3 +164,21 @@ def test_memory_is_bounded_by_model_and_vocabulary_not_tokens(make_toy):
                   r.category_expert, *r.reservoir()]
         sizes.append((sum(a.nbytes for a in arrays), len(r.sample_first)))
     assert sizes[0] == sizes[1]
+
+
+def test_an_empty_call_is_recorded_with_no_tokens():
+    from moekit import MoE, MoEConfig
+
+    moe = MoE(MoEConfig(hidden_size=16, intermediate_size=32, num_experts=4, top_k=2)).eval()
+    for shape in ((0, 16), (2, 0, 16)):
+        with RoutingRecorder(moe) as rec, torch.no_grad():
+            moe(torch.randn(*shape))
+        assert rec.records[""].num_tokens == 0
+
+
+def test_read_metrics_skips_a_torn_non_utf8_tail(tmp_path):
+    from moekit.analysis.analyze import read_metrics
+
+    torn = b'{"step": 1, "split": "train", "loss": 2.0}\n{"step": 2, "lo\xff\xfe'
+    (tmp_path / "metrics.jsonl").write_bytes(torn)
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1]
