@@ -121,7 +121,7 @@ def _refuse_pickle(root: Path) -> None:
 def _from_index(root: Path) -> dict[str, TensorInfo]:
     index_path = root / INDEX_NAME
     try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
+        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise CheckpointError(f"{index_path}: corrupt index ({type(e).__name__}: {e})") from None
     infos: dict[str, TensorInfo] = {}
@@ -264,7 +264,7 @@ def parse_size(size: int | str) -> int:
 def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")  # tokenizer.json holds non-ASCII text, whatever the locale
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
