@@ -105,7 +105,8 @@ def encode_windows(
     ids: list[np.ndarray] = []
     cats: list[np.ndarray] = []
     pieces: list[str] = []
-    total = n_python = n_docs = 0
+    total = 0
+    starts: list[tuple[int, bool]] = []  # each document's first stream position, whether it is Python
     texts = [t for t in texts if t]
     encodings: list[Any] = []
     if max_doc_tokens == "balanced":
@@ -116,9 +117,9 @@ def encode_windows(
         if total >= max_tokens:
             break
         enc = encodings[i] if encodings else tokenizer.encode(text, add_special_tokens=False)
-        n_docs += 1
-        if is_python(text):
-            n_python += 1
+        python = is_python(text)
+        starts.append((total, python))
+        if python:
             doc_cats = token_categories(python_char_categories(text), enc.offsets)
         else:
             doc_cats = np.full(len(enc.ids), -1, dtype=np.int64)
@@ -149,10 +150,11 @@ def encode_windows(
             f"the analysis data has {len(stream)} tokens, fewer than one window of seq_len={seq_len}; "
             "give more text or a smaller seq_len"
         )
+    inside = [python for start, python in starts if start < n * seq_len]  # documents the windows reach
     return TokenWindows(
         ids_NS=stream[: n * seq_len].reshape(n, seq_len),
         categories_NS=stream_cats[: n * seq_len].reshape(n, seq_len),
         sample_pieces=pieces[: n * seq_len],
-        python_documents=n_python,
-        documents=n_docs,
+        python_documents=sum(inside),
+        documents=len(inside),
     )

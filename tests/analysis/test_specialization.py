@@ -152,3 +152,14 @@ def test_top_tokens_frequent_and_distinctive():
     assert out[0]["distinctive"][0][0] == "t1"  # only expert 0 takes t1
     assert out[1]["distinctive"][0][0] == "t2"
     assert out[1]["distinctive"][0][1] == pytest.approx(1 / (100 / 200))
+
+
+def test_documents_past_the_last_window_are_not_counted():
+    from .conftest import train_bpe
+
+    prose, code = "the quick brown fox jumps over the lazy dog ", "x = 1\n"
+    tok = train_bpe([prose, code], vocab=120)
+    n = len(tok.encode(prose).ids)  # one window holds the prose (and the separator goes past it)
+    windows = encode_windows(tok, [prose, code], n, 2 * n, separator_id=tok.token_to_id("<|endoftext|>"))
+    assert windows.ids_NS.shape == (1, n)
+    assert (windows.documents, windows.python_documents) == (1, 0)
