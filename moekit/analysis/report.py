@@ -211,16 +211,24 @@ def write_report(a: Analysis, out_dir: str | os.PathLike) -> Path:
         categories=cat_rows, training_note="this is not a moekit run, or its metrics.jsonl is empty",
     )
     _write_text(out / "report.html", html)
-    _write_text(out / "metrics.json", json.dumps(
-        {"overall": a.overall, "per_layer": a.per_layer, "categories": a.categories, "info": a.info},
-        indent=1, default=_json_default, allow_nan=True))
+    _write_text(out / "metrics.json", json.dumps(_strict_json(
+        {"overall": a.overall, "per_layer": a.per_layer, "categories": a.categories, "info": a.info}),
+        indent=1, default=str, allow_nan=False))
     return out / "report.html"
 
 
-def _json_default(o: Any) -> Any:
+def _strict_json(o: Any) -> Any:
+    """``o`` with NumPy values as Python ones and NaN / inf (an undefined statistic) as ``null``, so
+    the file is strict JSON (JavaScript's ``JSON.parse`` reads it)."""
+    if isinstance(o, dict):
+        return {k: _strict_json(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_strict_json(v) for v in o]
     if hasattr(o, "tolist"):
-        return o.tolist()
-    return str(o)
+        return _strict_json(o.tolist())
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    return o
 
 
 def _write_text(path: Path, text: str) -> None:

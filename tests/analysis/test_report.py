@@ -97,6 +97,21 @@ def test_report_has_every_section_and_decodable_images(toy_analysis, tmp_path):
     assert saved["overall"]["tokens"] == windows.num_tokens
 
 
+def test_metrics_json_is_strict_json_with_undefined_values_as_null(toy_analysis, tmp_path):
+    import copy
+
+    analysis = copy.copy(toy_analysis[0])  # the fixture stays as it is
+    analysis.per_layer = [{**analysis.per_layer[0], "gate_entropy_norm": float("nan")},  # as at E=1
+                          *analysis.per_layer[1:]]
+    write_report(analysis, tmp_path / "rep")
+
+    def refuse(constant):
+        raise AssertionError(f"non-standard JSON constant {constant}")
+
+    saved = json.loads((tmp_path / "rep" / "metrics.json").read_text(), parse_constant=refuse)
+    assert saved["per_layer"][0]["gate_entropy_norm"] is None
+
+
 def test_analysis_numbers_are_consistent(toy_analysis):
     analysis, _, windows = toy_analysis
     assert analysis.detail_layers == ["layers.0.mlp", "layers.2.mlp"]
