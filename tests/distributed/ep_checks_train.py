@@ -34,13 +34,16 @@ def losses(run: Path, split: str = "train") -> list[float]:
     return [key(r) for r in lines if r["split"] == split]
 
 
+def ep_train_argv(data: str, **model_changes: object) -> list[str]:
+    """``moekit train`` on 2 EP ranks with MODEL (changed by ``model_changes``) and TRAIN; add --out."""
+    argv = ["train", "--data", data, "--expert-parallel", "2", "--no-progress"]
+    argv += [f"--set={k}={v}" for k, v in {**MODEL, **model_changes}.items()]
+    return argv + [arg for k, v in TRAIN.items() for arg in (f"--{k.replace('_', '-')}", str(v))]
+
+
 def check_train(tmp: Path, data: str) -> None:
     torch.set_default_dtype(torch.float64)  # so that only the reduction order differs
-    argv = ["train", "--out", str(tmp / "ep"), "--data", data, "--expert-parallel", "2", "--no-progress"]
-    argv += [f"--set={k}={v}" for k, v in MODEL.items()]
-    for k, v in TRAIN.items():
-        argv += [f"--{k.replace('_', '-')}", str(v)]
-    assert cli_main(argv) == 0
+    assert cli_main([*ep_train_argv(data), "--out", str(tmp / "ep")]) == 0
     rank = dist.get_rank()
     if rank == 0:
         ref = train(tmp / "single", model_config=get_preset("tiny", **MODEL),
@@ -92,9 +95,7 @@ def fails(argv: list[str], message: str) -> bool:
 def check_train_errors(tmp: Path, data: str) -> None:
     """An EP run takes rank 0's lock on the run directory, and an EP size that does not divide the
     experts fails on every rank before anything is written."""
-    base = ["train", "--data", data, "--expert-parallel", "2", "--no-progress"]
-    base += [f"--set={k}={v}" for k, v in MODEL.items()]
-    base += [arg for k, v in TRAIN.items() for arg in (f"--{k.replace('_', '-')}", str(v))]
+    base = ep_train_argv(data)
     busy = tmp / "busy"
     if dist.get_rank() == 0:  # held by this live process, as by a one-process run training there
         busy.mkdir()
@@ -111,10 +112,7 @@ def check_train_errors(tmp: Path, data: str) -> None:
 def check_routing_noise_per_rank(tmp: Path, data: str) -> None:
     """Each rank draws its own routing noise (jitter here), and an EP run resumed on as many ranks
     continues its streams exactly: resumed from step 2 of 4, it logs the losses of 4 straight steps."""
-    base = ["train", "--data", data, "--expert-parallel", "2", "--no-progress"]
-    base += [f"--set={k}={v}" for k, v in {**MODEL, "router_jitter_noise": 0.5}.items()]
-    base += [arg for k, v in TRAIN.items() for arg in (f"--{k.replace('_', '-')}", str(v))]
-    base += ["--max-steps", "4"]
+    base = [*ep_train_argv(data, router_jitter_noise=0.5), "--max-steps", "4"]
     assert cli_main([*base, "--out", str(tmp / "noise-full")]) == 0
     assert cli_main([*base, "--out", str(tmp / "noise-cut"), "--save-every", "2"]) == 0
     dist.barrier()
