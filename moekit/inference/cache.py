@@ -70,11 +70,11 @@ class StaticKVCache:
             pad = torch.tensor(list(pad_lengths), dtype=torch.long, device=self.device)[:, None]
         self.pad = pad  # (B or 1, 1)
         self.positions = (slots[None, :] - pad).clamp_min(0)  # (B or 1, P) rotary position of each slot
-        if self.max_length - int(pad.min()) > self.context:
+        positions = self.max_length - int(pad.min())  # of the least padded row
+        if positions > self.context:
             raise ValueError(
                 f"max_length={self.max_length} slots with {int(pad.min())} padding slots hold positions up "
-                f"to {self.max_length - int(pad.min()) - 1}, beyond the context "
-                f"(max_position_embeddings={self.context})"
+                f"to {positions - 1}, beyond the context (max_position_embeddings={self.context})"
             )
         self._mask = None
         if pad.shape[0] * self.max_length**2 <= _MAX_PRECOMPUTED_MASK:

@@ -49,6 +49,11 @@ def compiled_decode_one_token() -> Callable:
     return _COMPILED["decode"]
 
 
+def default_stop_ids(config: ModelConfig) -> tuple[int, ...]:
+    """The stop tokens of :func:`generate` when none are given: ``config.eos_token_id`` if set."""
+    return () if config.eos_token_id is None else (config.eos_token_id,)
+
+
 def _check_prompts(model: MoEForCausalLM, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int) -> None:
     if not isinstance(model, MoEForCausalLM):
         raise TypeError(f"model must be a moekit MoEForCausalLM, got {type(model).__name__}")
@@ -122,9 +127,7 @@ def generate(
     _warn_if_routing_couples_tokens(model.config)
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     cfg = model.config
-    if stop_token_ids is None:
-        stop_token_ids = () if cfg.eos_token_id is None else (cfg.eos_token_id,)
-    stops = set(stop_token_ids)
+    stops = set(default_stop_ids(cfg) if stop_token_ids is None else stop_token_ids)
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
     B, lens = len(prompt_ids), [len(p) for p in prompt_ids]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from moekit.inference.generate import generate
+from moekit.inference.generate import default_stop_ids, generate
 from moekit.models.model import MoEForCausalLM
 
 StreamCallback = Callable[[int, str], None]
@@ -107,9 +107,8 @@ def generate_text(
             raise ValueError(f"prompt {b} encodes to no tokens")
     extra = special_stop_ids(tokenizer, stop)
     if extra:
-        eos = model.config.eos_token_id
         given = kwargs.get("stop_token_ids")
-        kwargs["stop_token_ids"] = [*(given if given is not None else ([] if eos is None else [eos])), *extra]
+        kwargs["stop_token_ids"] = [*(default_stop_ids(model.config) if given is None else given), *extra]
     rows = [_RowText(tokenizer, stop, context=ids[-1:]) for ids in prompt_ids]
 
     def on_token(row: int, token_id: int) -> bool:

@@ -190,6 +190,11 @@ class ModelConfig:
             return min(float(self.num_experts), 1.0 if self.capacity_factor is None else self.capacity_factor)
         return float(self.top_k)
 
+    def inactive_expert_parameters(self, expert_params: int) -> int:
+        """Of one MoE layer's ``expert_params`` routed-expert parameters, those a token does not
+        touch: the ``num_experts - experts_per_token`` experts it does not use."""
+        return round(expert_params / self.num_experts * (self.num_experts - self.experts_per_token))
+
     def is_moe_layer(self, i: int) -> bool:
         """True when layer ``i`` has a sparse MoE feed-forward, False for a dense SwiGLU FFN."""
         return (

@@ -46,9 +46,7 @@ def layer_counts(config: ModelConfig) -> tuple[list[LayerCount], dict[str, int],
         ffn = _numel(layer.mlp)
         ffn_active = ffn
         if layer.is_moe:
-            experts = _numel(layer.mlp.experts)
-            unused = config.num_experts - config.experts_per_token
-            ffn_active -= round(experts / config.num_experts * unused)
+            ffn_active -= config.inactive_expert_parameters(_numel(layer.mlp.experts))
         norms = _numel(layer.input_layernorm) + _numel(layer.post_attention_layernorm)
         kind = "moe" if layer.is_moe else "dense"
         rows.append(LayerCount(kind, _numel(layer.self_attn), ffn, ffn_active, norms))

@@ -267,5 +267,5 @@ class MoEForCausalLM(nn.Module):
         cfg = self.config
         for moe in self.moe_layers():
             expert_params = sum(p.numel() for p in moe.experts.parameters())
-            total -= round(expert_params / cfg.num_experts * (cfg.num_experts - cfg.experts_per_token))
+            total -= cfg.inactive_expert_parameters(expert_params)
         return total

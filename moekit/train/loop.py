@@ -257,7 +257,8 @@ def _train(out: Path, model_config, train_config, train_changes, data, resume, s
             raise ValueError(
                 f"cannot resume: the run was trained on {info['data']['source']}, not on --data {data}"
             )
-        cfg = resume_train_config(TrainConfig.from_dict(info["train_config"]), dict(train_changes or {}))
+        saved_cfg = TrainConfig.from_dict(info["train_config"])
+        cfg = resume_train_config(saved_cfg, dict(train_changes or {}))
         device = _device(cfg.device)  # before anything is written
         checkpoints = list_checkpoints(out)
         if not checkpoints:
@@ -302,11 +303,10 @@ def _train(out: Path, model_config, train_config, train_changes, data, resume, s
                                  "train_config": cfg.to_dict()})
             _truncate_metrics(out, step)
         log(f"resuming {out} from step {step}")
-        before = TrainConfig.from_dict(info["train_config"])
-        if before.max_steps != cfg.max_steps and step >= cfg.warmup_steps:
-            log(f"note: the cosine schedule now ends at step {cfg.max_steps}, not {before.max_steps}: the "
+        if saved_cfg.max_steps != cfg.max_steps and step >= cfg.warmup_steps:
+            log(f"note: the cosine schedule now ends at step {cfg.max_steps}, not {saved_cfg.max_steps}: the "
                 f"learning rate of step {step + 1} is {cfg.lr_at(step):.3g} (it would have been "
-                f"{before.lr_at(step):.3g}); a run resumed unchanged continues exactly")
+                f"{saved_cfg.lr_at(step):.3g}); a run resumed unchanged continues exactly")
     if ep is not None:  # same weights everywhere; now each rank its own noise (jitter, noisy top-k)
         ep.split_rng(state.get("rng_ranks"))
     fwd = torch.compile(model) if cfg.compile else model
