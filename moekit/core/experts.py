@@ -135,7 +135,7 @@ class Experts(nn.Module):
         """
         inter, gated, act = self.intermediate_size, self.gated, self.act_fn
         in_proj, down_proj = self.in_proj, self.down_proj
-        if not torch.is_grad_enabled() and cpu.applies(x_TD, in_proj) and cpu.matvec_ready():
+        if not torch.is_grad_enabled() and cpu.matvec_applies(x_TD, in_proj):
             return self._slots_matvec(x_TD, ids_TK.tolist(), weights_TK.tolist())
         if torch.is_grad_enabled():
             weights = weights_TK.to(x_TD.dtype).unsqueeze(-1).unbind(0)  # T tensors (K, 1)

@@ -29,7 +29,10 @@ and the same few shapes come back.
 
 Used when :func:`enabled` (oneDNN in this torch, an AVX-512 CPU that is not Intel's, where MKL
 has full AVX-512 code of its own; ``MOEKIT_CPU_MATMUL=torch`` / ``=fast`` forces it off / on) and
-the operands are float32 CPU tensors; everything else keeps torch's matmuls.
+the operands are float32 CPU tensors; everything else keeps torch's matmuls. On the other x86 CPUs
+that are not Intel's (AVX2, e.g. Zen 2) only the matrix-vector path is on (:func:`matvec_enabled`):
+oneDNN's products are no faster than MKL's there, OpenBLAS's matrix-vector products still are
+(1.2-1.4x, docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -85,6 +88,19 @@ def enabled() -> bool:
 
 
 @functools.cache
+def matvec_enabled() -> bool:
+    """Whether few-row float32 products may take numpy's OpenBLAS in this process (decided once):
+    where :func:`enabled`, and on other x86 CPUs that are not Intel's (AVX2: MKL's matrix-vector
+    product is slower there too, while its matrix products are as fast as oneDNN's, so only this
+    path is on; docs/benchmarks.md, Zen 2). ``MOEKIT_CPU_MATMUL`` forces it as :func:`enabled`."""
+    forced = os.environ.get("MOEKIT_CPU_MATMUL", "").strip().lower()
+    if forced in ("torch", "fast"):
+        return forced == "fast"
+    x86_avx2 = torch.backends.cpu.get_cpu_capability().startswith(("AVX2", "AVX512"))  # else DEFAULT, SVE..
+    return enabled() or (x86_avx2 and _cpu_vendor() not in ("GenuineIntel", ""))
+
+
+@functools.cache
 def _numpy_openblas():
     """threadpoolctl's handle on the OpenBLAS behind numpy's matmul, or None (another BLAS)."""
     from threadpoolctl import ThreadpoolController
@@ -96,16 +112,25 @@ def _numpy_openblas():
 
 
 def matvec_ready() -> bool:
-    """Whether few-row products take OpenBLAS now: numpy's BLAS is OpenBLAS, on one thread."""
+    """Whether few-row products take OpenBLAS now: :func:`matvec_enabled`, numpy's BLAS is
+    OpenBLAS, on one thread."""
+    if not matvec_enabled():
+        return False
     lib = _numpy_openblas()
     return lib is not None and lib.get_num_threads() == 1
+
+
+def matvec_applies(x: Tensor, w: Tensor) -> bool:
+    """True when few-row products ``x @ w.T`` (no autograd) may take OpenBLAS now: as
+    :func:`applies` with :func:`matvec_ready` in place of :func:`enabled`."""
+    return _eligible(x, w) and matvec_ready()
 
 
 @contextlib.contextmanager
 def single_threaded_blas() -> Iterator[None]:
     """Run numpy's OpenBLAS on one thread inside the block (restored after), which turns on the
-    matrix-vector path for few-row float32 products on the CPUs of :func:`enabled`."""
-    lib = _numpy_openblas() if enabled() else None
+    matrix-vector path for few-row float32 products on the CPUs of :func:`matvec_enabled`."""
+    lib = _numpy_openblas() if matvec_enabled() else None
     if lib is None or lib.get_num_threads() == 1:
         yield
         return
@@ -121,9 +146,14 @@ def applies(x: Tensor, w: Tensor) -> bool:
     """True when ``x @ w.T`` should take this module's paths here. Never under ``torch.compile``:
     the compiler picks its own kernels (and its lowering of the oneDNN op wants frozen weights); never
     under CPU autocast (the result dtype would depend on the product's size)."""
+    return _eligible(x, w) and enabled()
+
+
+def _eligible(x: Tensor, w: Tensor) -> bool:
+    """float32 CPU operands, outside ``torch.compile`` and CPU autocast."""
     if torch.compiler.is_compiling():  # first: nothing below may break the compiler's graph
         return False
-    return (x.is_cpu and x.dtype == torch.float32 and w.dtype == torch.float32 and w.is_cpu and enabled()
+    return (x.is_cpu and x.dtype == torch.float32 and w.dtype == torch.float32 and w.is_cpu
             and not torch.is_autocast_enabled("cpu"))  # autocast: F.linear's dtype rules, whatever the size
 
 
@@ -157,14 +187,19 @@ def gemv_rows(x_MI: Tensor, w_OI: Tensor) -> Tensor:
 def _forward(x_MI: Tensor, w_OI: Tensor) -> Tensor:
     """``x_MI @ w_OI.T`` (2-D float32 CPU operands) by the fastest path for its size; no autograd."""
     rows = x_MI.shape[0]
-    if rows <= MATVEC_MAX_ROWS and w_OI.numel() >= MATVEC_MIN_WEIGHT and matvec_ready():
+    if _takes_matvec(rows, w_OI):
         return gemv_rows(x_MI, w_OI)
     return _mm_t(x_MI, w_OI) if _use_onednn(rows, w_OI) else F.linear(x_MI, w_OI)
 
 
+def _takes_matvec(rows: int, w_OI: Tensor) -> bool:
+    """Whether a ``rows``-row product with ``w_OI`` (no autograd) takes OpenBLAS's matrix-vector path."""
+    return rows <= MATVEC_MAX_ROWS and w_OI.numel() >= MATVEC_MIN_WEIGHT and matvec_ready()
+
+
 def _use_onednn(rows: int, w_OI: Tensor) -> bool:
     """Whether a ``rows``-row product with ``w_OI`` is big enough for oneDNN's fixed cost."""
-    return rows * w_OI.shape[0] * w_OI.shape[1] >= ONEDNN_MIN_MACS
+    return enabled() and rows * w_OI.shape[0] * w_OI.shape[1] >= ONEDNN_MIN_MACS
 
 
 def _mm_t(x_MI: Tensor, w_OI: Tensor) -> Tensor:
@@ -201,7 +236,8 @@ class _Linear(torch.autograd.Function):
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``torch.nn.functional.linear``; float32 CPU matmuls where :func:`applies` take oneDNN (with
-    autograd) or OpenBLAS (without) by size, see the module docstring.
+    autograd) or OpenBLAS (without) by size, where only :func:`matvec_enabled` OpenBLAS for few
+    rows without autograd; see the module docstring.
 
     Args:
         x: ``(..., I)``; weight: ``(O, I)``; bias: ``(O,)`` or ``None``.
@@ -209,11 +245,14 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     Returns:
         ``(..., O)``.
     """
-    if not applies(x, weight) or x.numel() == 0 or (bias is not None and bias.dtype != torch.float32):
+    if x.numel() == 0 or (bias is not None and bias.dtype != torch.float32) or not _eligible(x, weight):
         return F.linear(x, weight, bias)
     rows = x.numel() // x.shape[-1]
+    grad = records_grad(x, weight, bias)
+    if not enabled() and (grad or not _takes_matvec(rows, weight)):  # here only the matrix-vector path
+        return F.linear(x, weight, bias)
     x_MI = x if x.dim() == 2 else x.reshape(rows, x.shape[-1])  # (a reshape is ~1.4 us at one row)
-    if records_grad(x, weight, bias):
+    if grad:
         if not _use_onednn(rows, weight):
             return F.linear(x, weight, bias)
         y = _Linear.apply(x_MI, weight, bias)

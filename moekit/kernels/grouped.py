@@ -2,6 +2,8 @@
 
 Strategy, picked per call:
 - float32 on a CPU where oneDNN is enabled (:mod:`moekit.kernels.cpu`): each group by oneDNN;
+  where only its matrix-vector path is (AVX2), inference batches below ``CPU_GROUPED_MM_MIN_ROWS``
+  rows take the loop below with groups of up to 3 rows on OpenBLAS;
 - ``torch.nn.functional.grouped_mm`` when it exists and accepts the dtype (fp32/bf16/fp16), the
   device (CUDA: sm80+) and the 16-byte stride/alignment rule. For bf16 on Hopper / Blackwell
   (sm90, sm100) torch runs one CUTLASS kernel: no host sync, each expert's weight read once, which
@@ -85,6 +87,8 @@ def grouped_mm_grouped(x_SI: Tensor, w_EOI: Tensor, counts_E: Tensor) -> Tensor:
         return cpu.grouped_mm_cpu(x_SI, w_EOI, counts_E)
     needs_grad = torch.is_grad_enabled() and (x_SI.requires_grad or w_EOI.requires_grad)
     large = x_SI.device.type != "cpu" or x_SI.shape[0] >= CPU_GROUPED_MM_MIN_ROWS
+    if not (large or needs_grad) and cpu.matvec_applies(x_SI, w_EOI):
+        return cpu.grouped_mm_cpu(x_SI, w_EOI, counts_E)  # the loop, groups of <= 3 rows on OpenBLAS
     if (large or needs_grad) and grouped_mm_supported(x_SI, w_EOI):
         offsets_E = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
         return F.grouped_mm(x_SI, w_EOI.transpose(-2, -1), offs=offsets_E)

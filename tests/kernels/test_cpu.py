@@ -22,6 +22,7 @@ def forced(monkeypatch):
     """The fast paths on whatever the CPU (by default only where they were measured faster), and
     oneDNN for every product size (the tests' products are small)."""
     monkeypatch.setattr(cpu, "enabled", lambda: True)
+    monkeypatch.setattr(cpu, "matvec_enabled", lambda: True)
     monkeypatch.setattr(cpu, "ONEDNN_MIN_MACS", 0)
 
 
@@ -99,6 +100,7 @@ def test_linear_follows_autocast_like_f_linear(forced, rows):
 @needs_openblas
 def test_paths_by_size_and_autograd(monkeypatch):
     monkeypatch.setattr(cpu, "enabled", lambda: True)
+    monkeypatch.setattr(cpu, "matvec_enabled", lambda: True)
     calls = []
     real_mm_t, real_gemv = cpu._mm_t, cpu.gemv_rows
     monkeypatch.setattr(cpu, "_mm_t", lambda x, w: calls.append(("onednn", x.shape[0])) or real_mm_t(x, w))
@@ -122,6 +124,36 @@ def test_paths_by_size_and_autograd(monkeypatch):
     monkeypatch.setattr(cpu, "enabled", lambda: False)
     cpu.linear(torch.randn(8, 256), big)
     assert calls == expected
+    # The matrix-vector path alone (AVX2 CPUs): few rows without autograd only, never oneDNN.
+    with torch.no_grad(), cpu.single_threaded_blas():
+        cpu.linear(torch.randn(8, 256), big)
+        cpu.linear(torch.randn(1, 8), small)
+        y = cpu.linear(torch.randn(2, 256), mid, torch.ones(64))
+    cpu.linear(torch.randn(1, 256, requires_grad=True), mid)
+    assert calls == [*expected, ("gemv", 2)] and y.shape == (2, 64)
+    monkeypatch.setattr(cpu, "matvec_enabled", lambda: False)
+    with torch.no_grad(), cpu.single_threaded_blas():
+        assert not cpu.matvec_ready()
+        cpu.linear(torch.randn(2, 256), mid)
+    assert calls == [*expected, ("gemv", 2)]
+
+
+@pytest.mark.parametrize(("capability", "vendor", "forced", "onednn", "matvec"), [
+    ("AVX512", "AuthenticAMD", "", True, True),  # Zen 4 / Zen 5: both measured faster
+    ("AVX2", "AuthenticAMD", "", False, True),  # Zen 2: oneDNN no faster than MKL, OpenBLAS gemv is
+    ("AVX512", "GenuineIntel", "", False, False),  # MKL's own code
+    ("AVX2", "GenuineIntel", "", False, False),
+    ("DEFAULT", "", "", False, False),  # not x86 (or unknown): unmeasured
+    ("AVX2", "AuthenticAMD", "fast", True, True),
+    ("AVX512", "AuthenticAMD", "torch", False, False),
+])
+def test_which_cpus_take_the_fast_paths(monkeypatch, capability, vendor, forced, onednn, matvec):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(cpu, "_cpu_vendor", lambda: vendor)
+    monkeypatch.setenv("MOEKIT_CPU_MATMUL", forced)
+    assert cpu.enabled.__wrapped__() is onednn
+    monkeypatch.setattr(cpu, "enabled", cpu.enabled.__wrapped__)  # matvec_enabled's own call, uncached
+    assert cpu.matvec_enabled.__wrapped__() is matvec
 
 
 @needs_openblas
@@ -129,7 +161,7 @@ def test_single_threaded_blas_restores_the_thread_count():
     lib = cpu._numpy_openblas()
     before = lib.get_num_threads()
     with cpu.single_threaded_blas():
-        assert lib.get_num_threads() == 1 or not cpu.enabled()
+        assert lib.get_num_threads() == 1 or not cpu.matvec_enabled()
     assert lib.get_num_threads() == before
 
 
@@ -163,6 +195,32 @@ def test_grouped_mm_matches_reference_forward_and_backward(matvec, counts):
         assert torch.all(w.grad[torch.tensor(counts) == 0] == 0)
     with torch.no_grad():
         close64(cpu.grouped_mm_cpu(x, w, counts_e), y64.detach())
+
+
+@needs_openblas
+def test_grouped_backend_takes_the_matvec_path_alone_for_small_inference_batches(monkeypatch):
+    """AVX2 CPUs (matvec_enabled without enabled): inference groups of <= 3 rows on OpenBLAS, the
+    others on torch, never oneDNN; with autograd or from CPU_GROUPED_MM_MIN_ROWS rows, torch's paths."""
+    from moekit.kernels import grouped_mm
+    from moekit.kernels.grouped import CPU_GROUPED_MM_MIN_ROWS
+
+    monkeypatch.setattr(cpu, "enabled", lambda: False)
+    monkeypatch.setattr(cpu, "matvec_enabled", lambda: True)
+    monkeypatch.setattr(cpu, "ONEDNN_MIN_MACS", 0)
+    monkeypatch.setattr(cpu, "_mm_t", lambda x, w: pytest.fail("oneDNN without enabled()"))
+    groups = []
+    real = cpu._grouped_forward
+    monkeypatch.setattr(cpu, "_grouped_forward", lambda x, w, g: groups.append(g) or real(x, w, g))
+    counts = torch.tensor([1, 0, 3, 5])
+    x, w = torch.randn(9, 20), torch.randn(4, 36, 20)
+    with torch.no_grad(), cpu.single_threaded_blas():
+        y = grouped_mm(x, w, counts)
+        rows = CPU_GROUPED_MM_MIN_ROWS
+        grouped_mm(torch.randn(rows, 20), w, torch.tensor([rows, 0, 0, 0]))
+    with cpu.single_threaded_blas():
+        grouped_mm(x.requires_grad_(), w, counts)
+    assert groups == [[(0, 0, 1), (2, 1, 4), (3, 4, 9)]]
+    close64(y, grouped_mm_reference(x.detach().double(), w.double(), counts))
 
 
 def _ffn64(x, w_in, w_down, counts, activation):
