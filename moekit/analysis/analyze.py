@@ -161,7 +161,8 @@ def analyze_model(
     analysis.info.update(tokens=windows.num_tokens, seq_len=int(windows.ids_NS.shape[1]),
                          documents=windows.documents, python_documents=windows.python_documents,
                          moe_layers=len(names), num_experts=per_layer[0]["num_experts"],
-                         top_k=per_layer[0]["top_k"])
+                         # None: a variable number of experts per token (expert_choice)
+                         top_k=per_layer[0]["top_k"] if records[names[0]].fixed_k else None)
     return analysis
 
 

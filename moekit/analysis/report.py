@@ -135,7 +135,8 @@ def layer_table(a: Analysis) -> tuple[list[str], list[list[str]]]:
 
 def _overall_rows(a: Analysis) -> list[tuple[str, str]]:
     o, i = a.overall, a.info
-    shape = f"{i.get('moe_layers')} / {i.get('num_experts')} / {i.get('top_k')}"
+    top_k = i.get("top_k") or "variable (expert choice)"
+    shape = f"{i.get('moe_layers')} / {i.get('num_experts')} / {top_k}"
     rows = [("MoE layers / experts / top-k", shape), ("tokens analysed", _fmt(i.get("tokens", 0)))]
     if "loss" in o:
         rows.append(("loss / perplexity on this data", f"{o['loss']:.4f} / {o['perplexity']:.2f}"))

@@ -144,6 +144,17 @@ def test_report_without_python_or_training_says_so(make_toy, bpe, tmp_path):
     assert "routing summary" in summary and "L0" in summary and "L2" in summary
 
 
+def test_report_header_of_expert_choice_says_variable_experts_per_token(make_toy, bpe, tmp_path):
+    text = "def f(x):\n    return x + 1\n" * 20
+    tok = bpe([text], vocab=280)
+    windows = encode_windows(tok, [text], seq_len=16, max_tokens=200)
+    model = make_toy(vocab=tok.get_vocab_size(), num_experts=4, router="expert_choice", capacity_factor=1.0)
+    analysis = analyze_model(model, tok, windows)
+    assert analysis.info["top_k"] is None  # 4 slots per token in the tensors, not 4 experts each
+    page = "".join(check_report(write_report(analysis, tmp_path)).text)
+    assert "variable (expert choice)" in page
+
+
 def test_text_summary_lists_layers_and_baselines(toy_analysis):
     summary = text_summary(toy_analysis[0])
     assert "46.43%" in summary and "12.5%" in summary
