@@ -35,7 +35,7 @@ from sklearn.base import BaseEstimator
 from sklearn.cluster import KMeans
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import check_consistent_length, check_is_fitted, validate_data
 from threadpoolctl import ThreadpoolController
 
 from ._logsumexp import logsumexp
@@ -118,7 +118,7 @@ class _BaseMixtureOfExperts(BaseEstimator):
     # ---- gate design and gate outputs --------------------------------------------------------
     def _gate_design(self, X: np.ndarray) -> np.ndarray:
         n = X.shape[0]
-        if self.gate == "constant":
+        if self._fit_gate == "constant":
             return np.ones((n, 1))
         Z = (X[:, self.gate_columns_] - self._gate_mean) / self._gate_scale
         return np.hstack([Z, np.ones((n, 1))])
@@ -219,6 +219,7 @@ class _BaseMixtureOfExperts(BaseEstimator):
         self._gate_mean = Zg.mean(axis=0)
         sd = Zg.std(axis=0)
         self._gate_scale = np.where(sd > 0, sd, 1.0)
+        self._fit_gate = self.gate  # predictions follow the fitted gate, whatever set_params does after
         Z1 = self._gate_design(X)
         var_floor = 0.0
         if self._kind() == "regression":
@@ -251,7 +252,7 @@ class _BaseMixtureOfExperts(BaseEstimator):
 
     def _gate_in_original_units(self, W: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Gate ``W`` ``(d1, b)`` on standardised features -> coef ``(p_gate, b)``, intercept ``(b,)``."""
-        if self.gate == "constant":
+        if self._fit_gate == "constant":
             return np.zeros((len(self.gate_columns_), W.shape[1])), W[-1].copy()
         return W[:-1] / self._gate_scale[:, None], W[-1] - (self._gate_mean / self._gate_scale) @ W[:-1]
 
@@ -296,6 +297,11 @@ class _BaseMixtureOfExperts(BaseEstimator):
         check_is_fitted(self)
         return validate_data(self, X, reset=False, dtype=np.float64)
 
+    def _check_Xy(self, X, y) -> tuple[np.ndarray, np.ndarray]:
+        X, y = self._check_X(X), self._encode_y(y)
+        check_consistent_length(X, y)
+        return X, y
+
     def predict_gate(self, X) -> np.ndarray:
         """Gate probability of reaching each expert: ``(n_samples, n_experts)``, rows sum to 1.
 
@@ -305,22 +311,22 @@ class _BaseMixtureOfExperts(BaseEstimator):
 
     def log_likelihood_samples(self, X, y) -> np.ndarray:
         """Log-likelihood ``log p(y_i | x_i)`` of each sample under the mixture: ``(n_samples,)``."""
-        return self._log_likelihood_samples(self._check_X(X), self._encode_y(y))
+        return self._log_likelihood_samples(*self._check_Xy(X, y))
 
     def _log_likelihood_samples(self, X: np.ndarray, y: np.ndarray) -> np.ndarray:
         return self._log_lik_parts(X, y)[1][0][:, 0]
 
     def predict_responsibilities(self, X, y) -> np.ndarray:
         """Posterior probability that each expert generated ``(x_i, y_i)``: ``(n_samples, n_experts)``."""
-        X, y = self._check_X(X), self._encode_y(y)
+        X, y = self._check_Xy(X, y)
         log_gates, log_lik = self._log_lik_parts(X, y)
         return np.exp(downward(log_gates, log_lik)[-1])
 
     def aic(self, X, y) -> float:
         """Akaike information criterion ``-2 log L + 2 n_parameters_`` on ``(X, y)`` (lower is better)."""
-        return self._ic(self._check_X(X), self._encode_y(y), 2.0)
+        return self._ic(*self._check_Xy(X, y), 2.0)
 
     def bic(self, X, y) -> float:
         """Bayesian information criterion ``-2 log L + log(n) n_parameters_`` (lower is better)."""
-        X = self._check_X(X)
-        return self._ic(X, self._encode_y(y), float(np.log(X.shape[0])))
+        X, y = self._check_Xy(X, y)
+        return self._ic(X, y, float(np.log(X.shape[0])))

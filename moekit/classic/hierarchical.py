@@ -19,7 +19,7 @@ _TASKS = ("regression", "classification")
 
 
 def _is_classification(est) -> bool:
-    return est.task == "classification"
+    return est._kind() == "classification"
 
 
 class HierarchicalMixtureOfExperts(_ClassificationPart, _RegressionPart, _BaseMixtureOfExperts):
@@ -76,6 +76,7 @@ class HierarchicalMixtureOfExperts(_ClassificationPart, _RegressionPart, _BaseMi
 
     def __sklearn_tags__(self):
         tags = BaseEstimator.__sklearn_tags__(self)
+        tags.target_tags.required = True  # as sklearn's regressor / classifier mixins: fit(X, None) says so
         if self.task == "classification":
             tags.estimator_type = "classifier"
             tags.classifier_tags = ClassifierTags()
@@ -86,6 +87,10 @@ class HierarchicalMixtureOfExperts(_ClassificationPart, _RegressionPart, _BaseMi
 
     # ---- dispatch on task ---------------------------------------------------------------------
     def _kind(self) -> str:
+        """The task of the fit (``set_params(task=...)`` takes effect at the next fit), else ``task``."""
+        fitted = getattr(self, "_fit_task", None)
+        if fitted is not None:
+            return fitted
         _choice("task", self.task, _TASKS)
         return self.task
 
@@ -120,10 +125,12 @@ class HierarchicalMixtureOfExperts(_ClassificationPart, _RegressionPart, _BaseMi
 
     def fit(self, X, y) -> HierarchicalMixtureOfExperts:
         """Fit on ``X`` ``(n_samples, n_features)`` and ``y`` ``(n_samples,)``; returns ``self``."""
+        self._fit_task = None  # a refit follows the current task
         if self._kind() == "regression":
             self._fit_regression(X, y)
         else:
             self._fit_classification(X, y)
+        self._fit_task = self.task
         coefs, intercepts = zip(*[zip(*[self._gate_in_original_units(Wj) for Wj in W]) for W in self.gates_])
         self.gate_coefs_ = [np.stack(c) for c in coefs]
         self.gate_intercepts_ = [np.stack(i) for i in intercepts]

@@ -35,9 +35,11 @@ _EPS = 1e-8
 def _n_params_of(est) -> int | None:
     """Free parameters of a fitted estimator, where that is well defined (linear models, trees).
 
-    A linear classifier with one coefficient row per class (multinomial) has one redundant row: the
+    A multinomial logistic regression (scikit-learn's ``LogisticRegression`` / ``LogisticRegressionCV``
+    with another solver than liblinear) has one redundant row of its ``C`` coefficient rows: the
     probabilities do not change when the same vector is added to every row, so ``C - 1`` rows count,
-    as for the built-in logistic experts.
+    as for the built-in logistic experts. One-vs-rest classifiers (``SGDClassifier``, liblinear)
+    count all ``C`` rows: each row's probability is its own.
     """
     try:
         coef = est.coef_
@@ -46,7 +48,7 @@ def _n_params_of(est) -> int | None:
     if coef is not None:
         coef = np.atleast_2d(np.asarray(coef))
         rows, p = coef.shape
-        if rows > 1 and rows == len(getattr(est, "classes_", ())):
+        if rows > 1 and rows == len(getattr(est, "classes_", ())) and _multinomial(est):
             rows -= 1
         return int(rows * (p + (1 if getattr(est, "fit_intercept", True) else 0)))
     tree = getattr(est, "tree_", None)
@@ -54,6 +56,15 @@ def _n_params_of(est) -> int | None:
         n_out = tree.value.shape[1] * max(tree.value.shape[2] - 1, 1)
         return int(tree.n_leaves * n_out)
     return None
+
+
+def _multinomial(est) -> bool:
+    """Whether ``est`` is a fitted multinomial (softmax) logistic regression of scikit-learn."""
+    from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
+
+    if not isinstance(est, (LogisticRegression, LogisticRegressionCV)) or est.solver == "liblinear":
+        return False
+    return getattr(est, "multi_class", "auto") != "ovr"  # the parameter left scikit-learn in 1.8
 
 
 class EstimatorExperts:

@@ -259,3 +259,15 @@ def test_multinomial_sklearn_experts_count_like_the_builtin_ones():
         assert wrapped.n_parameters_ == builtin.n_parameters_ == 2 * (n_classes - 1) * 4 + 4
     flat = MixtureOfExpertsRegressor(2, experts=LinearRegression(fit_intercept=False), random_state=0)
     assert flat.fit(X, X[:, 0]).n_parameters_ == 2 * 3 + 2 + 4  # slopes, variances, gate
+
+
+def test_one_vs_rest_sklearn_experts_count_every_class_row():
+    """SGDClassifier fits one row per class, each free (a shared shift changes predict_proba)."""
+    from sklearn.linear_model import SGDClassifier
+
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(400, 3)), rng.integers(0, 3, 400)
+    model = MixtureOfExpertsClassifier(2, experts=SGDClassifier(loss="log_loss", random_state=0),
+                                       random_state=0).fit(X, y)
+    assert model.experts_.estimators_[0].coef_.shape == (3, 3)
+    assert model.n_parameters_ == 2 * 3 * 4 + 4  # 2 experts x 3 rows x (3 + 1), gate 3 + 1

@@ -9,6 +9,7 @@ import sys
 import unittest
 import warnings
 
+import numpy as np
 import pytest
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.neighbors import KNeighborsClassifier
@@ -88,3 +89,39 @@ print("ok")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().endswith("ok")
+
+
+@pytest.mark.parametrize("make", [
+    lambda: MixtureOfExpertsRegressor(2, **FAST), lambda: MixtureOfExpertsClassifier(2, **FAST),
+    lambda: HierarchicalMixtureOfExperts(branching=(2,), **FAST),
+])
+def test_y_of_another_length_than_X_is_refused(make):
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(60, 2))
+    y = (X[:, 0] > 0).astype(int)
+    model = make().fit(X, y)
+    for method in (model.log_likelihood_samples, model.predict_responsibilities, model.aic, model.bic):
+        with pytest.raises(ValueError, match="inconsistent numbers of samples"):
+            method(X, y[:1])  # one value was broadcast over every row
+
+
+def test_predictions_follow_the_fit_not_parameters_set_after_it():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(200, 2))
+    y = np.where(X[:, 0] > 0, 3 * X[:, 1], -2 * X[:, 1])
+    model = MixtureOfExpertsRegressor(2, **FAST).fit(X, y)
+    before = model.predict(X)
+    model.set_params(gate="constant")
+    np.testing.assert_array_equal(model.predict(X), before)
+    assert not model.fit(X, y).gate_coef_.any()  # a refit takes the new gate
+    hme = HierarchicalMixtureOfExperts(branching=(2,), **FAST).fit(X, y)
+    before = hme.predict(X)
+    hme.set_params(task="classification")
+    np.testing.assert_array_equal(hme.predict(X), before)
+    assert not hasattr(hme, "predict_proba")
+
+
+@pytest.mark.parametrize("task", ["regression", "classification"])
+def test_hierarchical_fit_without_y_says_y_is_required(task):
+    with pytest.raises(ValueError, match="requires y"):
+        HierarchicalMixtureOfExperts(branching=(2,), task=task, **FAST).fit(np.zeros((10, 2)), None)
