@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
+from fractions import Fraction
 
 
 def _is_number(value: object) -> bool:
@@ -23,6 +24,12 @@ BACKENDS = ("reference", "grouped")
 GATED_ACTIVATIONS = ("swiglu", "geglu")
 PLAIN_ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
 ACTIVATIONS = GATED_ACTIVATIONS + PLAIN_ACTIVATIONS
+
+
+def _decimal(x: float) -> Fraction:
+    """``x`` as the decimal it is written as (1.1 -> 11/10), so that a ceiling of a product is exact:
+    in binary floating point ``1.1 * 100 / 10`` is 11.000000000000002, whose ceiling is 12."""
+    return Fraction(repr(float(x)))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -166,7 +173,7 @@ class MoEConfig:
             factor = self.eval_capacity_factor
         if self.router == "expert_choice":
             factor = 1.0 if factor is None else factor
-            return max(1, min(num_tokens, math.ceil(num_tokens * factor / self.num_experts)))
+            return max(1, min(num_tokens, math.ceil(_decimal(factor) * num_tokens / self.num_experts)))
         if factor is None:
             return None
-        return max(1, math.ceil(factor * num_tokens * self.top_k / self.num_experts))
+        return max(1, math.ceil(_decimal(factor) * num_tokens * self.top_k / self.num_experts))

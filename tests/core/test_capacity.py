@@ -74,6 +74,19 @@ def test_dropless_never_drops_even_when_skewed():
     assert bool(info.kept.all())
 
 
+def test_capacity_is_the_exact_ceiling_of_the_decimal_product():
+    """ceil(cf * T * K / E) of the factor as written: 1.1 * 100 / 10 is 11, not 12 (11.000000000000002)."""
+    def config(router, factor, experts, top_k=1):
+        return MoEConfig(hidden_size=4, intermediate_size=8, num_experts=experts, top_k=top_k, router=router,
+                         capacity_factor=factor)
+    assert config("switch", 1.1, 10).capacity(100, True) == 11
+    assert config("topk", 2.2, 4).capacity(100, True) == 55
+    assert config("gshard", 2.2, 4, top_k=2).capacity(100, True) == 110
+    assert config("expert_choice", 1.1, 10).capacity(100, True) == 11
+    assert config("switch", 1.25, 8).capacity(100, True) == 16  # 15.625 still rounds up
+    assert config("switch", 1 / 3, 1).capacity(7, True) == 3
+
+
 def test_eval_capacity_factor_applies_in_eval():
     moe = MoE(MoEConfig(hidden_size=4, intermediate_size=8, num_experts=4, top_k=1, router="switch",
                         capacity_factor=1.0, eval_capacity_factor=2.0))
