@@ -156,11 +156,11 @@ class MoE(nn.Module):
         losses = {"load_balancing": load_balancing_loss(routing.probs_TE, routed_E),
                   "z": z_loss(routing.logits_TE)}
         losses.update(routing.losses)
+        aux_loss = config.router_z_loss_coef * losses["z"]
         if config.router == "noisy_topk":
-            balance = losses["importance"] + losses["load"]
-        else:
-            balance = losses["load_balancing"]
-        aux_loss = config.router_aux_loss_coef * balance + config.router_z_loss_coef * losses["z"]
+            aux_loss = aux_loss + config.router_aux_loss_coef * (losses["importance"] + losses["load"])
+        elif config.router != "expert_choice":  # there every expert takes C slots: the loss is 1, no gradient
+            aux_loss = aux_loss + config.router_aux_loss_coef * losses["load_balancing"]
         return RoutingInfo(
             aux_loss=aux_loss,
             losses=losses,

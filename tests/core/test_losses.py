@@ -59,6 +59,12 @@ def test_aux_loss_is_weighted_sum_of_losses():
     torch.testing.assert_close(info.aux_loss, 0.5 * (info.losses["importance"] + info.losses["load"]))
     info.aux_loss.backward()
     assert noisy.gate.noise_weight.grad is not None and noisy.gate.weight.grad.abs().sum() > 0
+    # expert choice: every expert takes C slots, so the balance loss is the constant 1 and stays out
+    chooser = MoE(MoEConfig(hidden_size=8, intermediate_size=8, num_experts=4, router="expert_choice",
+                            router_aux_loss_coef=0.5, router_z_loss_coef=0.02)).train()
+    _, info = chooser(torch.randn(10, 8))
+    torch.testing.assert_close(info.losses["load_balancing"], torch.tensor(1.0))
+    torch.testing.assert_close(info.aux_loss, 0.02 * info.losses["z"])
 
 
 def test_noisy_topk_load_estimator_matches_monte_carlo():
