@@ -123,6 +123,19 @@ def _write_hf(
     return out
 
 
+def _check_destination(dst_dir: Path) -> None:
+    """A destination is new, empty or a checkpoint (replaced, as ``save_pretrained`` would): never a
+    ``moekit train`` run or another folder with files of its own, which convert would mix into."""
+    if not dst_dir.is_dir() or not any(dst_dir.iterdir()):
+        return
+    if (dst_dir / "run.json").is_file():
+        raise ValueError(f"{dst_dir} is a moekit train run; convert to another directory "
+                         "(nothing was written)")
+    if not ((dst_dir / "config.json").is_file() or (dst_dir / "params.json").is_file()):
+        raise ValueError(f"{dst_dir} is not empty and holds no checkpoint (config.json / params.json); "
+                         "convert to a new or empty directory (nothing was written)")
+
+
 def _with_empty_shared_experts(tensors: Any, cfg: Any, dtype: torch.dtype) -> Any:
     """Qwen2-MoE always has a shared expert; a model without one gets a zero-width one (output 0)."""
     yield from tensors
@@ -188,6 +201,7 @@ def convert(
     dst_dir = Path(dst)
     if dst_dir.resolve() == src_dir.resolve():
         raise ValueError(f"convert needs a destination other than the source ({src_dir})")
+    _check_destination(dst_dir)
     if to == "mistral" and model_type not in (None, "mixtral"):
         raise ValueError("the Mistral layout holds Mixtral models only; drop model_type")
     tokenizer = None

@@ -86,3 +86,15 @@ def test_convert_refuses_same_dir_and_unmappable_models(tmp_path):
         convert(tmp_path / "olmoe", tmp_path / "m", to="mistral")
     with pytest.raises(ValueError, match="to must be"):
         convert(tmp_path / "olmoe", tmp_path / "m", to="gguf")
+    run = tmp_path / "run"  # a training run, or a folder of the user's own: never mixed into
+    run.mkdir()
+    (run / "run.json").write_text("{}")
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine")
+    for dst, match in ((run, "is a moekit train run"), (notes, "holds no checkpoint")):
+        with pytest.raises(ValueError, match=match):
+            convert(tmp_path / "olmoe", dst)
+        assert not (dst / "config.json").exists()
+    convert(tmp_path / "olmoe", tmp_path / "again")
+    convert(tmp_path / "olmoe", tmp_path / "again")  # a checkpoint is replaced, as save_pretrained would
