@@ -209,7 +209,8 @@ def damaged(path: Path, name: str, err: Exception) -> ValueError:
     )
 
 
-def _read_json(path: Path, name: str) -> Any:
+def read_json(path: Path, name: str) -> Any:
+    """The JSON file ``name`` of the checkpoint directory ``path``; :func:`damaged` if unreadable."""
     try:
         return json.loads((path / name).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -226,14 +227,17 @@ def load_checkpoint(
     path = Path(checkpoint_dir)
     if not (path / "state.json").is_file() or not (path / "model.safetensors").is_file():
         raise ValueError(f"{path} is not a moekit checkpoint (no state.json / model.safetensors)")
-    state = _read_json(path, "state.json")
+    state = read_json(path, "state.json")
     try:
         file = str(path / "model.safetensors")
         missing, unexpected = load_model(model, file, strict=False, device=str(device))
     except SafetensorError as err:  # truncated / corrupt file
         raise damaged(path, "model.safetensors", err) from None
-    except RuntimeError as err:  # shape mismatch
-        raise ValueError(f"checkpoint {path} does not fit this model: {str(err).splitlines()[0]}") from None
+    except RuntimeError as err:  # shape mismatch: torch's heading line, then one line per tensor
+        lines = [line.strip() for line in str(err).splitlines()[1:] if line.strip()]
+        more = f" (and {len(lines) - 3} more)" if len(lines) > 3 else ""
+        detail = "; ".join(lines[:3]) or str(err)
+        raise ValueError(f"checkpoint {path} does not fit this model: {detail}{more}") from None
     if missing or unexpected:
         raise ValueError(
             f"checkpoint {path} does not fit this model: missing {sorted(missing)[:5]}, "
@@ -246,6 +250,6 @@ def load_checkpoint(
             tensors = load_file(str(path / "optimizer.safetensors"), device=str(device))
         except SafetensorError as err:
             raise damaged(path, "optimizer.safetensors", err) from None
-        index = _read_json(path, "optimizer.json")
+        index = read_json(path, "optimizer.json")
         optimizer.load_state_dict(unflatten_optimizer_state(tensors, index))
     return state

@@ -27,7 +27,14 @@ import torch
 from tqdm.auto import tqdm
 
 from moekit.core.losses import expert_counts
-from moekit.train.checkpoint import capture_rng_state, list_checkpoints, load_checkpoint, restore_rng_state
+from moekit.train.checkpoint import (
+    capture_rng_state,
+    damaged,
+    list_checkpoints,
+    load_checkpoint,
+    read_json,
+    restore_rng_state,
+)
 from moekit.train.checkpoint import save_checkpoint as _save
 from moekit.train.config import TrainConfig, resume_train_config
 from moekit.train.data import TokenStream, validation_batches
@@ -181,7 +188,10 @@ def _check_same_model(saved: Any, requested: Any) -> None:
 
 
 def _check_checkpoint_config(path: Path, model_config: Any) -> None:
-    saved = json.loads((path / "state.json").read_text(encoding="utf-8")).get("model_config")
+    state = read_json(path, "state.json")
+    if not isinstance(state, dict):
+        raise damaged(path, "state.json", TypeError(f"a JSON object expected, got {type(state).__name__}"))
+    saved = state.get("model_config")
     if saved is not None and saved != model_config.to_dict():
         diff = [k for k in saved if saved.get(k) != model_config.to_dict().get(k)]
         raise ValueError(

@@ -94,6 +94,10 @@ def test_resume_errors(tmp_path, text_dir):
         train(tmp_path / "run", resume=True, train_changes={"max_steps": 4}, show_progress=False)
     after = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
     assert after == before  # nothing overwritten
+    state = damaged.parent / "state.json"
+    state.write_text("{bad")
+    with pytest.raises(ValueError, match=r"step_0000002 is damaged \(state.json: "):  # not json's own message
+        train(tmp_path / "run", resume=True, train_changes={"max_steps": 4}, show_progress=False)
 
 
 def test_resume_accepts_the_data_path_spelled_otherwise_and_a_torn_metrics_line(tmp_path, text_dir,
