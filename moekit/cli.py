@@ -194,6 +194,15 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 def _cmd_generate(args: argparse.Namespace) -> int:
     from moekit.train import load_run
 
+    system = [] if args.system is None else [args.system]
+    for flag, values in (("--prompt", args.prompt or []), ("--stop", args.stop), ("--system", system)):
+        for value in values:
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:  # argv bytes that are not UTF-8 arrive as lone surrogates
+                raise ValueError(f"{flag} {value!r} is not valid UTF-8 text (check the terminal's "
+                                 "encoding)") from None
+
     if args.model is not None:
         from moekit.hf.chat import cmd_generate
 

@@ -191,6 +191,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     variables = template_vars(args.template_var)  # checked before the model is loaded
     if args.template_var and not args.chat:
         raise ValueError("--template-var applies to --chat (the chat template)")
+    if args.system is not None and not args.chat:
+        raise ValueError("--system applies to --chat (a system message of the conversation)")
     if not args.chat and not args.prompt:
         raise ValueError("--prompt is required without --chat")
     root = resolve_path(args.model)

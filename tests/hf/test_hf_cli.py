@@ -164,3 +164,10 @@ def test_generate_cli_usage_errors_come_before_any_prompt(ckpt, tmp_path, capsys
     assert captured.out == "" and "no chat template" in captured.err
     assert main(["generate", str(tmp_path), "--model", str(path), "--prompt", "Hi"]) == 2
     assert "not both" in capsys.readouterr().err
+    assert main(["generate", "--model", str(path), "--prompt", "Hi", "--system", "be brief"]) == 2
+    assert "--system applies to --chat" in capsys.readouterr().err  # it was ignored
+    latin1 = b"caf\xe9".decode("utf-8", "surrogateescape")  # what argv holds for Latin-1 bytes
+    for argv in (["--prompt", latin1], ["--prompt", "Hi", "--stop", latin1]):
+        assert main(["generate", "--model", str(path), *argv]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and "is not valid UTF-8 text" in captured.err
