@@ -147,14 +147,16 @@ def _split(
         raise ValueError(f"corpus {source} has {n} document(s); {need} (give more text)")
     n_val = min(n - 1, max(1, round(n * val_fraction)))
     corpus = Corpus(source=source, num_documents=n)
-    for part, items, budget in (
-        (corpus.validation, ordered[:n_val], max_val_chars),
-        (corpus.train, ordered[n_val:], max_train_chars),
-    ):
-        used = 0
-        for name, handle in items:
+    # Validation: the first n_val readable, non-blank documents in hash order (a binary file among
+    # them is passed over, not counted); training: the rest.
+    start = 0
+    for part, budget in ((corpus.validation, max_val_chars), (corpus.train, max_train_chars)):
+        used, index = 0, start
+        while index < n and (part is corpus.train or len(part) < n_val):
             if budget is not None and used >= budget:
                 break
+            name, handle = ordered[index]
+            index += 1
             text = read(handle)
             if text is None or not text.strip():
                 continue
@@ -162,6 +164,7 @@ def _split(
                 text = text[: budget - used]
             part.append(Document(name, text))
             used += len(text)
+        start = max(index, n_val)  # documents a full validation budget passed over stay out of training
     if not corpus.train or (not corpus.validation and min_documents > 1):
         raise ValueError(f"corpus {source} is empty: no non-blank text in its train or validation split")
     return corpus

@@ -74,6 +74,19 @@ def test_bad_data_gives_clear_errors(tmp_path, setup, message):
         load_corpus(setup(tmp_path))
 
 
+def test_a_binary_file_first_in_hash_order_does_not_empty_the_validation_split(tmp_path):
+    from moekit.train.corpus import _doc_hash
+
+    texts = [f"t{i}.py" for i in range(19)]
+    for name in texts:
+        (tmp_path / name).write_text(f"x = {name!r}\n", encoding="utf-8")
+    binary = next(f"b{i}.png" for i in range(10_000) if _doc_hash(f"b{i}.png") < min(map(_doc_hash, texts)))
+    (tmp_path / binary).write_bytes(b"\x89PNG\x00\xff")
+    c = load_corpus(tmp_path)  # 20 candidates: one validation document, the binary passed over
+    assert len(c.validation) == 1 and len(c.train) == 18
+    assert {d.name for d in c.train + c.validation} == set(texts)
+
+
 def test_directory_of_only_binary_files_is_empty(tmp_path):
     for i in range(3):
         (tmp_path / f"b{i}").write_bytes(b"\x00\xff")
