@@ -92,6 +92,32 @@ def _device(name: str) -> torch.device:
     return device
 
 
+def _memory_bytes(device: torch.device) -> int | None:
+    """The device's total memory (CPU: physical RAM), or None where it cannot be read."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX
+        return None
+
+
+def _check_memory(model_config: Any, device: torch.device) -> None:
+    """Refuse, before anything is written, a model whose float32 training state (weights, gradients
+    and AdamW's two moments: 16 bytes per parameter) exceeds the device's whole memory."""
+    from moekit.models import MoEForCausalLM
+
+    with torch.device("meta"):  # shapes only: no memory
+        params = sum(p.numel() for p in MoEForCausalLM(model_config).parameters())
+    need, have = 16 * params, _memory_bytes(device)
+    if have is not None and need > have:
+        raise ValueError(
+            f"the model has {params / 1e9:.2f} B parameters: training it needs about {need / 2**30:,.0f} GiB "
+            f"(float32 weights, gradients and AdamW moments), more than the {have / 2**30:,.0f} GiB of "
+            f"{device.type}; choose a smaller --preset or model (nothing was written)"
+        )
+
+
 def _autocast(device: torch.device):
     # bf16 autocast on CUDA; fp32 on CPU (bf16 matmuls are slow on most CPUs).
     if device.type == "cuda":
@@ -283,7 +309,8 @@ def _train(out: Path, model_config, train_config, train_changes, data, resume, s
         cfg = (train_config or TrainConfig()).replace(**(train_changes or {}))
         device = _device(cfg.device)  # before anything is written
         model_config = model_config if model_config is not None else get_preset("tiny")
-        if ep is None:
+        if ep is None:  # (expert parallelism splits the experts: each rank holds a share)
+            _check_memory(model_config, device)
             model_config, _, tokens = prepare_run(out, model_config, cfg, data, log=log)
         else:  # rank 0 prepares the run directory, every rank reads it
             ep.check_configs(model_config, cfg)  # before anything is written

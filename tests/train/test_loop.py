@@ -124,6 +124,21 @@ def test_data_errors_write_nothing(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_model_too_big_for_the_machine_is_refused_before_writing(tmp_path, text_dir, monkeypatch):
+    from moekit.models import get_preset
+    from moekit.train import loop
+
+    with pytest.raises(ValueError, match=r"46\.70 B parameters: training it needs about 696 GiB"):
+        monkeypatch.setattr(loop, "_memory_bytes", lambda device: 128 * 2**30)
+        _run(tmp_path / "out", text_dir, model_config=get_preset("mixtral-8x7b"))
+    monkeypatch.setattr(loop, "_memory_bytes", lambda device: 2**20)  # 1 MiB: even the micro model
+    with pytest.raises(ValueError, match="more than the 0 GiB of cpu.*nothing was written"):
+        _run(tmp_path / "out", text_dir)
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setattr(loop, "_memory_bytes", lambda device: None)  # unknown: no check
+    _run(tmp_path / "out", text_dir, train_config=micro_train(max_steps=1))
+
+
 def test_resume_refuses_a_checkpoint_of_another_config(tmp_path, text_dir):
     _run(tmp_path / "run", text_dir, train_config=micro_train(max_steps=2))
     state_file = list_checkpoints(tmp_path / "run")[-1][1] / "state.json"
