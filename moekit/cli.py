@@ -122,7 +122,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from moekit.distributed.training import resolve_expert_parallel
 
     expert_parallel = resolve_expert_parallel(args.expert_parallel)
-    result = train(out, model_config=model_config, train_changes=changes, data=args.data,
+    result = train(out, model_config=model_config, train_changes=changes, data=args.data, log=_log_line,
                    resume=args.resume, show_progress=not args.no_progress, expert_parallel=expert_parallel)
     if expert_parallel and int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 reports
         return 130 if result.interrupted else 0
@@ -324,6 +324,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_stdout() -> None:
+    """Send what is left of stdout to /dev/null: its reader is gone."""
+    with contextlib.suppress(OSError, ValueError):  # no second error when Python flushes at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def _log_line(line: str) -> None:
+    """A training log line on stdout; when its reader leaves (``moekit train | head``), the run
+    goes on quietly to its end and checkpoints instead of dying unsaved."""
+    try:
+        print(line, flush=True)
+    except BrokenPipeError:
+        _quiet_stdout()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -332,8 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # a closed pipe shows here, inside the handlers below
         return code
     except BrokenPipeError:  # `moekit info | head`: the reader left; say nothing more
-        with contextlib.suppress(OSError, ValueError):  # no second error when Python flushes at exit
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _quiet_stdout()
         return 1
     except (ValueError, TypeError, OSError) as err:  # OSError: a missing / unreadable path, a full disk
         print(f"moekit: error: {err}", file=sys.stderr)

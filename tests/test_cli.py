@@ -194,3 +194,18 @@ def test_a_closed_pipe_ends_quietly():
     finally:
         os.close(write)
     assert r.returncode == 1 and r.stderr == "", r.stderr
+
+
+def test_training_into_a_closed_pipe_still_trains_and_checkpoints(data_dir, tmp_path):
+    """``moekit train | head -1``: the reader leaves after the first line; the run goes on to its end."""
+    read, write = os.pipe()
+    os.close(read)
+    out = tmp_path / "piped"
+    try:
+        argv = ["train", "--data", str(data_dir), "--out", str(out), "--max-steps", "2", *MICRO]
+        r = subprocess.run([sys.executable, "-m", "moekit", *argv], stdout=write, stderr=subprocess.PIPE,
+                           text=True, env=ENV, timeout=300)
+    finally:
+        os.close(write)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr  # the run itself succeeded
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_0000002"]
