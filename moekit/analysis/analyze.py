@@ -229,7 +229,10 @@ def load_texts(
     if data is not None:
         p = Path(data)
         if p.is_file() and p.suffix != ".jsonl":
-            text = p.read_text(encoding="utf-8", errors="replace")
+            try:
+                text = p.read_text(encoding="utf-8")
+            except UnicodeDecodeError as err:  # as moekit train --data
+                raise ValueError(f"--data {p}: not UTF-8 text ({err.reason} at byte {err.start})") from None
             if not text.strip():
                 raise ValueError(f"--data {p}: the file has no text")
             return [text[:max_chars]], str(p)

@@ -93,6 +93,14 @@ def test_one_document_is_enough_to_analyse(tiny_run, tmp_path):
         assert load_texts(data, {}, max_chars=10**6)[0] == [TEXT]
 
 
+def test_a_data_file_that_is_not_utf8_is_refused_as_train_refuses_it(tmp_path):
+    from moekit.analysis.analyze import load_texts
+
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1") * 20)
+    with pytest.raises(ValueError, match=r"latin1.txt: not UTF-8 text \(invalid continuation byte"):
+        load_texts(tmp_path / "latin1.txt", {"kind": "checkpoint"}, max_chars=1000)  # was read with U+FFFD
+
+
 def test_run_analysis_with_data_file(tiny_run):
     src = tiny_run / "data" / "file03.py"
     analysis, report = run_analysis(tiny_run / "run", data=src, out_dir=tiny_run / "report_file",
