@@ -97,7 +97,8 @@ def describe(config: ModelConfig, context: int | None = None) -> str:
     shared_width = c.shared_expert_intermediate_size
     shared = f", shared expert {shared_width}" if shared_width else ""
     lines = [
-        f"decoder-only MoE LM: {c.num_hidden_layers} layers, hidden {c.hidden_size}, "
+        f"decoder-only MoE LM: {c.num_hidden_layers} layer{'s' * (c.num_hidden_layers != 1)}, "
+        f"hidden {c.hidden_size}, "
         f"heads {c.num_attention_heads}/{c.num_key_value_heads} kv x {c.head_dim}, vocab {c.vocab_size}, "
         f"context {c.max_position_embeddings}, rope theta {c.rope_theta:g}"
         + (f", sliding window {c.sliding_window}" if c.sliding_window else ""),
@@ -105,7 +106,8 @@ def describe(config: ModelConfig, context: int | None = None) -> str:
          + (f"top-{c.top_k}" if c.router != "expert_choice" else f"~{c.experts_per_token:g} per token")
          + f", router {c.router}"
          + shared if any(r.kind == "moe" for r in rows) else "experts: none (a dense model)")
-        + f"; dense FFN width {c.intermediate_size}; tied head: {c.tie_word_embeddings}",
+        + (f"; dense FFN width {c.intermediate_size}" if any(r.kind == "dense" for r in rows) else "")
+        + f"; tied head: {c.tie_word_embeddings}",
         f"parameters: total {total:,} ({_human(total)}), active per token {active:,} ({_human(active)}), "
         f"{active / total:.1%} active",
         "",

@@ -201,6 +201,9 @@ def test_describe_says_dense_when_no_layer_is_moe():
     from moekit.models.info import describe
 
     assert "experts: none (a dense model)" in describe(cfg(first_k_dense_replace=3))
+    one = describe(cfg(num_hidden_layers=1))  # all MoE: no dense FFN width to speak of
+    assert "1 layer," in one and "dense FFN" not in one
+    assert "dense FFN width" in describe(cfg(first_k_dense_replace=1))
 
 
 def test_input_pos_without_a_cache_is_checked():
