@@ -19,7 +19,7 @@ _TASKS = ("regression", "classification")
 
 
 def _is_classification(est) -> bool:
-    return est._kind() == "classification"
+    return (getattr(est, "_fit_task", None) or est.task) == "classification"  # the fitted task first
 
 
 class HierarchicalMixtureOfExperts(_ClassificationPart, _RegressionPart, _BaseMixtureOfExperts):
