@@ -84,7 +84,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", dest="compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model for training (default off; --no-compile turns it off "
                         "again on --resume)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (it shows only when stderr is a terminal)")
     p.add_argument("--expert-parallel", type=int, default=None, metavar="N",
                    help="split the experts over N ranks of a torchrun job, e.g. `torchrun --nproc-per-node 2 "
                         "-m moekit train --expert-parallel 2` (default: 1 under torchrun, else off)")
@@ -123,7 +124,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     expert_parallel = resolve_expert_parallel(args.expert_parallel)
     result = train(out, model_config=model_config, train_changes=changes, data=args.data, log=_log_line,
-                   resume=args.resume, show_progress=not args.no_progress, expert_parallel=expert_parallel)
+                   resume=args.resume, show_progress=False if args.no_progress else None,
+                   expert_parallel=expert_parallel)
     if expert_parallel and int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 reports
         return 130 if result.interrupted else 0
     val = f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else ""

@@ -209,3 +209,10 @@ def test_training_into_a_closed_pipe_still_trains_and_checkpoints(data_dir, tmp_
         os.close(write)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr  # the run itself succeeded
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_0000002"]
+
+
+def test_the_training_bar_stays_out_of_logs_that_are_not_a_terminal(data_dir, tmp_path):
+    argv = [a for a in MICRO if a != "--no-progress"]
+    r = moekit("train", "--data", data_dir, "--out", tmp_path / "logged", "--max-steps", "2", *argv)
+    assert r.returncode == 0, r.stderr
+    assert "\r" not in r.stderr and "step/s" not in r.stderr and "s/step" not in r.stderr, r.stderr

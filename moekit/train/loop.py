@@ -234,7 +234,7 @@ def train(
     train_changes: dict[str, Any] | None = None,
     data: str | os.PathLike | None = None,
     resume: bool = False,
-    show_progress: bool = True,
+    show_progress: bool | None = True,
     log: Callable[[str], None] = print,
     on_step: Callable[[int, dict[str, Any]], None] | None = None,
     expert_parallel: int = 0,
@@ -250,7 +250,7 @@ def train(
             config (resume; identity fields such as ``lr`` or ``batch_size`` may not change there).
         data: ``None`` = the embedded stdlib corpus; else see :func:`moekit.train.corpus.load_corpus`.
         resume: continue the newest checkpoint of ``out``.
-        show_progress: tqdm progress bar.
+        show_progress: tqdm progress bar; ``None``: only when stderr is a terminal (no ``\r`` bars in logs).
         log: where one-line messages go.
         on_step: called as ``on_step(step, metrics)`` after every optimizer step.
         expert_parallel: 0 = one process; ``N >= 1`` = join the torchrun job and split the experts
@@ -364,7 +364,8 @@ def _train(out: Path, model_config, train_config, train_changes, data, resume, s
     if ep is not None:  # after the count above: experts (and their Adam state) split over the EP group
         ep.shard(model, optimizer)
         log(ep.describe())
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not show_progress, unit="step", dynamic_ncols=True)
+    disable = None if show_progress is None else not show_progress  # None: tqdm's check for a terminal
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=disable, unit="step", dynamic_ncols=True)
     interrupted, last_saved = False, None
     with _GracefulStop(log) as stop:
         while step < cfg.max_steps and not stop.requested:
