@@ -19,7 +19,7 @@ _TASKS = ("regression", "classification")
 
 
 def _is_classification(est) -> bool:
-    return (getattr(est, "_fit_task", None) or est.task) == "classification"  # the fitted task first
+    return est._task() == "classification"
 
 
 class HierarchicalMixtureOfExperts(_ClassificationPart, _RegressionPart, _BaseMixtureOfExperts):
@@ -86,13 +86,14 @@ class HierarchicalMixtureOfExperts(_ClassificationPart, _RegressionPart, _BaseMi
         return tags
 
     # ---- dispatch on task ---------------------------------------------------------------------
-    def _kind(self) -> str:
+    def _task(self) -> str:
         """The task of the fit (``set_params(task=...)`` takes effect at the next fit), else ``task``."""
-        fitted = getattr(self, "_fit_task", None)
-        if fitted is not None:
-            return fitted
-        _choice("task", self.task, _TASKS)
-        return self.task
+        return getattr(self, "_fit_task", None) or self.task
+
+    def _kind(self) -> str:
+        task = self._task()
+        _choice("task", task, _TASKS)
+        return task
 
     def _branching(self) -> tuple[int, ...]:
         br = self.branching

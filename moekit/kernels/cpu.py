@@ -76,12 +76,18 @@ def _cpu_vendor() -> str:
     return ""
 
 
+def _forced() -> str | None:
+    """``MOEKIT_CPU_MATMUL``: ``"torch"`` (fast paths off), ``"fast"`` (on) or None (by the CPU)."""
+    forced = os.environ.get("MOEKIT_CPU_MATMUL", "").strip().lower()
+    return forced if forced in ("torch", "fast") else None
+
+
 @functools.cache
 def enabled() -> bool:
     """Whether float32 CPU matmuls take this module's paths in this process (decided once)."""
-    forced = os.environ.get("MOEKIT_CPU_MATMUL", "").strip().lower()
+    forced = _forced()
     has_op = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    if forced in ("torch", "fast"):
+    if forced is not None:
         return forced == "fast" and has_op
     capability = torch.backends.cpu.get_cpu_capability()
     return has_op and capability.startswith("AVX512") and _cpu_vendor() != "GenuineIntel"
@@ -93,8 +99,8 @@ def matvec_enabled() -> bool:
     where :func:`enabled`, and on other x86 CPUs that are not Intel's (AVX2: MKL's matrix-vector
     product is slower there too, while its matrix products are as fast as oneDNN's, so only this
     path is on; docs/benchmarks.md, Zen 2). ``MOEKIT_CPU_MATMUL`` forces it as :func:`enabled`."""
-    forced = os.environ.get("MOEKIT_CPU_MATMUL", "").strip().lower()
-    if forced in ("torch", "fast"):
+    forced = _forced()
+    if forced is not None:
         return forced == "fast"
     x86_avx2 = torch.backends.cpu.get_cpu_capability().startswith(("AVX2", "AVX512"))  # else DEFAULT, SVE..
     return enabled() or (x86_avx2 and _cpu_vendor() not in ("GenuineIntel", ""))

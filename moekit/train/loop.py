@@ -108,7 +108,7 @@ def _check_memory(model_config: Any, device: torch.device) -> None:
     from moekit.models import MoEForCausalLM
 
     with torch.device("meta"):  # shapes only: no memory
-        params = sum(p.numel() for p in MoEForCausalLM(model_config).parameters())
+        params = MoEForCausalLM(model_config).num_parameters()
     need, have = 16 * params, _memory_bytes(device)
     if have is not None and need > have:
         raise ValueError(
