@@ -314,7 +314,10 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from moekit import __version__
+
     parser = argparse.ArgumentParser(prog="moekit", description="Mixture-of-Experts toolkit")
+    parser.add_argument("--version", action="version", version=f"moekit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train(sub)
     _add_generate(sub)

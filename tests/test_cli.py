@@ -97,6 +97,15 @@ def test_help_names_each_default_once(command, capsys):
         assert "(row b uses seed + b) (default: 0)" in text
 
 
+def test_version(capsys):
+    from moekit import __version__
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out == f"moekit {__version__}\n"
+
+
 def test_errors_are_clear_and_touch_nothing(run_dir, data_dir, tmp_path, capsys):
     before = sorted((str(p), p.stat().st_mtime_ns) for p in run_dir.rglob("*"))
     cases = [
