@@ -103,15 +103,22 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     return infos
 
 
-def _refuse_pickle(root: Path) -> None:
+def _refuse_pickle(root: Path, layout: str) -> None:
     pickled = sorted(p.name for p in root.iterdir() if p.suffix in _PICKLE_SUFFIXES)
     if pickled:
+        if layout == "mistral":  # transformers cannot read this layout: convert each file on its own
+            how = ("`python -c \"import torch; from safetensors.torch import save_file; "
+                   f"save_file({{k: v.contiguous() for k, v in torch.load('{root / pickled[0]}', "
+                   f"weights_only=True).items()}}, '{root / Path(pickled[0]).stem}.safetensors')\"` "
+                   "(each file to consolidated*.safetensors)")
+        else:
+            how = ("`python -c \"from transformers import AutoModelForCausalLM as M; "
+                   f"M.from_pretrained('{root}').save_pretrained('OUT_DIR')\"` (writes safetensors), "
+                   "or use the Hugging Face 'convert to safetensors' Space")
         raise CheckpointError(
             f"{root}: only pickle weights found ({', '.join(pickled[:3])}); moekit never unpickles files "
-            "(loading a pickle can run arbitrary code). Convert them once, in an environment you trust, e.g. "
-            "`python -c \"from transformers import AutoModelForCausalLM as M; "
-            f"M.from_pretrained('{root}').save_pretrained('OUT_DIR')\"` (writes safetensors), "
-            "or use the Hugging Face 'convert to safetensors' Space"
+            "(loading a pickle can run arbitrary code). Convert them once, in an environment you trust, "
+            f"e.g. {how}"
         )
     raise CheckpointError(
         f"{root}: no {SINGLE_NAME}, {INDEX_NAME} or consolidated*.safetensors found"
@@ -160,13 +167,13 @@ def find_tensors(root: Path, layout: str) -> dict[str, TensorInfo]:
     if layout == "mistral":
         files = sorted(root.glob("consolidated*.safetensors"))
         if not files:
-            _refuse_pickle(root)
+            _refuse_pickle(root, layout)
         return _from_files(files)
     if (root / INDEX_NAME).is_file():
         return _from_index(root)
     if (root / SINGLE_NAME).is_file():
         return read_header(root / SINGLE_NAME)
-    _refuse_pickle(root)
+    _refuse_pickle(root, layout)
     raise AssertionError("unreachable")
 
 
@@ -243,7 +250,7 @@ def read_json_object(path: Path) -> dict[str, Any]:
 
 
 def parse_size(size: int | str) -> int:
-    """Bytes of ``5GB`` / ``500MB`` / ``20KB`` / ``1GiB`` or an int."""
+    """Bytes of ``5GB`` / ``500MB`` / ``20KB`` / ``1GiB``, an int or its digits (``"10000"``)."""
     if isinstance(size, int) and not isinstance(size, bool):
         if size < 1:
             raise ValueError(f"max_shard_size must be >= 1 byte, got {size}")
@@ -252,13 +259,16 @@ def parse_size(size: int | str) -> int:
         raise TypeError(f"max_shard_size must be an int or a string like '5GB', got {size!r}")
     units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
     text = size.strip().upper()
+    if text.isdigit():  # a bare byte count, as transformers accepts
+        return parse_size(int(text))
     for unit, mult in units.items():
         if text.endswith(unit):
             try:
                 return parse_size(int(float(text[: -len(unit)]) * mult))
             except ValueError:
                 break
-    raise ValueError(f"max_shard_size must look like '5GB', '500MB', '20KB' or '1GiB', got {size!r}")
+    raise ValueError(f"max_shard_size must look like '5GB', '500MB', '20KB', '1GiB' or a byte count, "
+                     f"got {size!r}")
 
 
 def atomic_write_text(path: Path, text: str) -> None:

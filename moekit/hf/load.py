@@ -11,6 +11,8 @@ once into their final tensor. RAM never holds the model twice.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -160,6 +162,26 @@ def _default_dtype(raw: dict[str, Any], infos: dict[str, TensorInfo]) -> torch.d
     return _SAFETENSORS_DTYPES[max(floating, key=floating.__getitem__)]
 
 
+def _stored_head(
+    cfg: ModelConfig, plan: dict[str, keymap.Source], infos: dict[str, TensorInfo], root: Path
+) -> tuple[ModelConfig, dict[str, keymap.Source]]:
+    """A tied config whose checkpoint also stores ``lm_head.weight``: the same tensor as the embedding
+    is dropped (tied); a different one is kept and the model untied, with a warning, as transformers
+    does (tying would silently replace the head the checkpoint was trained with)."""
+    reader = TensorReader(infos)
+    try:
+        same = torch.equal(keymap.build(plan["lm_head.weight"], reader),
+                           keymap.build(plan["model.embed_tokens.weight"], reader))
+    finally:
+        reader.close()
+    if same:
+        return cfg, {k: v for k, v in plan.items() if k != "lm_head.weight"}
+    warnings.warn(f"{root}: the config ties the word embeddings, but the checkpoint's lm_head.weight "
+                  "differs from the embedding; keeping the stored head (tie_word_embeddings=False)",
+                  UserWarning, stacklevel=4)
+    return dataclasses.replace(cfg, tie_word_embeddings=False), plan
+
+
 def open_checkpoint(
     root: Path, dtype: torch.dtype | None = None, device: torch.device | str = "cpu", mmap: bool = True,
     show_progress: bool | None = None, desc: str = "loading",
@@ -178,6 +200,8 @@ def open_checkpoint(
     plan = keymap.plan_from_hf(shapes) if layout == "hf" else keymap.plan_from_mistral(shapes, cfg.head_dim)
     with torch.device("meta"), _no_init():
         plan = check_plan(plan, MoEForCausalLM(cfg), infos, cfg)
+    if cfg.tie_word_embeddings and "lm_head.weight" in plan:
+        cfg, plan = _stored_head(cfg, plan, infos, root)
     dtype = dtype or _default_dtype(raw, infos)
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:

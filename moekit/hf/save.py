@@ -52,10 +52,36 @@ def _cast(items: Any, dtype: torch.dtype | None) -> Any:
         yield name, (t.to(dtype) if dtype is not None and t.dtype.is_floating_point else t)
 
 
+# Written by the other layout: removed after a save, so a directory never holds two models.
+_LAYOUT_FILES = {
+    "hf": ("config.json", "model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json"),
+    "mistral": ("params.json", "consolidated*.safetensors", "consolidated*.pth", "consolidated*.pt"),
+}
+
+
+def _remove_other_layout(out: Path, layout: str) -> bool:
+    """Delete the files of the layout other than ``layout`` (just written) from ``out``; True if any."""
+    other = "mistral" if layout == "hf" else "hf"
+    stale = [path for pattern in _LAYOUT_FILES[other] for path in out.glob(pattern)]
+    for path in stale:
+        path.unlink()
+    return bool(stale)
+
+
 def save_tokenizer(tokenizer: HFTokenizer, save_directory: str | Path) -> None:
-    """Write ``tokenizer.json`` and ``tokenizer_config.json`` (special tokens, chat template)."""
+    """Write ``tokenizer.json`` and ``tokenizer_config.json`` (special tokens, chat template).
+
+    The directory's other tokenizer files (a chat template file, ``special_tokens_map.json``, a slow
+    tokenizer's ``tokenizer.model`` / ``tekken.json``, named templates) are removed: they would take
+    precedence over, or disagree with, what was written, so the result is what an empty directory gets.
+    """
     out = Path(save_directory)
     out.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if name not in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+            (out / name).unlink(missing_ok=True)
+    if (out / TEMPLATES_DIR).is_dir():
+        shutil.rmtree(out / TEMPLATES_DIR)
     atomic_write_text(out / "tokenizer.json", tokenizer.tokenizer.to_str())
     cfg: dict[str, Any] = dict(tokenizer.special_tokens)
     if tokenizer.chat_template is not None:
@@ -79,7 +105,8 @@ def save_pretrained(
     """Write ``model`` as a Hugging Face checkpoint directory that transformers loads as is.
 
     Args:
-        save_directory: created if needed; an earlier save's shards there are replaced.
+        save_directory: created if needed; a checkpoint there is replaced (its shards, the files
+            of the Mistral layout, and with ``tokenizer`` its tokenizer files).
         max_shard_size: bytes per shard (int or ``"5GB"`` / ``"500MB"``); one ``model.safetensors``
             when everything fits.
         model_type: ``"mixtral"``, ``"qwen2_moe"``, ``"qwen3_moe"`` or ``"olmoe"``; ``None`` picks the
@@ -118,6 +145,7 @@ def _write_hf(
     atomic_write_text(out / "config.json", json.dumps(hf_cfg, indent=2) + "\n")
     gen = {k: hf_cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hf_cfg[k] is not None}
     atomic_write_text(out / "generation_config.json", json.dumps(gen, indent=2) + "\n")
+    _remove_other_layout(out, "hf")
     if tokenizer is not None:
         save_tokenizer(tokenizer, out)
     return out
@@ -172,6 +200,8 @@ def _write_mistral(
     limit = max_shard_size if max_shard_size is not None else 2**62
     write_sharded(tensors, out, max_shard_size=limit, prefix="consolidated", index=False)
     atomic_write_text(out / "params.json", json.dumps(params, indent=2) + "\n")
+    if _remove_other_layout(out, "mistral"):  # an HF model was replaced: its generation defaults too
+        (out / "generation_config.json").unlink(missing_ok=True)
     return out
 
 
@@ -225,6 +255,7 @@ def convert(
         _write_mistral(cfg, items, dst_dir, max_shard_size)
         if tokenizer is not None:
             save_tokenizer(tokenizer, dst_dir)
+            (dst_dir / "generation_config.json").unlink(missing_ok=True)  # none for a run: not another's
     if tokenizer is None:  # a checkpoint: its tokenizer files and generation defaults come along
         _copy_tokenizer_files(src_dir, dst_dir)
     return dst_dir

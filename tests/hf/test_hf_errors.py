@@ -165,7 +165,7 @@ def test_pure_config_maps_name_the_problem():
         hf_to_kwargs({**base, "quantization_config": {"quant_method": "fp8"}})
     assert hf_to_kwargs({**base, "rope_theta": 5e5, "eos_token_id": [7, 3]})["rope_theta"] == 5e5
     assert hf_to_kwargs({**base, "eos_token_id": [7, 3]})["eos_token_id"] == 7
-    assert parse_size("20KB") == 20_000 and parse_size("1GiB") == 2**30
+    assert parse_size("20KB") == 20_000 and parse_size("1GiB") == 2**30 and parse_size("10000") == 10_000
     with pytest.raises(ValueError, match="max_shard_size must look like"):
         parse_size("lots")
 

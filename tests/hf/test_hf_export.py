@@ -91,6 +91,20 @@ def test_convert_a_moekit_training_run(tmp_path):
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert hf_tok.encode("def add(a, b):") == tok.encode("def add(a, b):").ids
     assert hf_tok.eos_token_id == model.config.eos_token_id
+    from .builders import tiny_hf, tiny_tokenizer  # over another model's checkpoint: nothing of it stays
+
+    for to in ("hf", "mistral"):
+        other = tmp_path / f"other-{to}"
+        tiny_hf("mixtral").save_pretrained(other)
+        transformers.PreTrainedTokenizerFast(tokenizer_object=tiny_tokenizer(), eos_token="<|im_end|>",
+                                             chat_template="OTHER").save_pretrained(other)
+        (other / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
+        convert(tmp_path / "run", other, to=to)
+        loaded = load_tokenizer(other)
+        assert loaded.chat_template is None and loaded.eos_token_id == model.config.eos_token_id
+        generation = other / "generation_config.json"
+        assert (json.loads(generation.read_text())["eos_token_id"] == model.config.eos_token_id
+                if to == "hf" else not generation.exists())
 
 
 def test_convert_carries_the_source_tokenizer_and_generation_defaults(tmp_path):
@@ -121,3 +135,26 @@ def test_convert_carries_the_source_tokenizer_and_generation_defaults(tmp_path):
     assert generation["eos_token_id"] == [4, 3]
     model = from_pretrained(tmp_path / "out")
     assert {3, 4} <= set(stop_token_ids(tmp_path / "out", model, tok))
+
+
+def test_saved_tokenizer_files_are_those_of_an_empty_directory(tmp_path):
+    """Saving back into the source folder with a new chat template: no stale template file wins."""
+    from moekit.hf import load_tokenizer, save_pretrained
+
+    from .builders import tiny_hf, tiny_tokenizer
+
+    old = transformers.PreTrainedTokenizerFast(tokenizer_object=tiny_tokenizer(), eos_token="<|im_end|>",
+                                               chat_template="OLD {{ messages[0].content }}")
+    old.save_pretrained(tmp_path)
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps({"eos_token": "</s>"}))
+    tiny_hf("mixtral", vocab_size=400).save_pretrained(tmp_path)
+    tok = load_tokenizer(tmp_path)
+    tok.chat_template = "NEW {{ messages[0].content }}"
+    save_pretrained(from_pretrained(tmp_path), tmp_path, tokenizer=tok)
+    messages = [{"role": "user", "content": "hi"}]
+    assert load_tokenizer(tmp_path).apply_chat_template(messages) == "NEW hi"
+    peer = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert peer.apply_chat_template(messages, tokenize=False) == "NEW hi"
+    eos = tok.special_tokens["eos_token"]
+    assert peer.eos_token == load_tokenizer(tmp_path).special_tokens["eos_token"] == eos
+    assert not any((tmp_path / name).exists() for name in ("special_tokens_map.json", "chat_template.jinja"))

@@ -98,3 +98,39 @@ def test_convert_refuses_same_dir_and_unmappable_models(tmp_path):
         assert not (dst / "config.json").exists()
     convert(tmp_path / "olmoe", tmp_path / "again")
     convert(tmp_path / "olmoe", tmp_path / "again")  # a checkpoint is replaced, as save_pretrained would
+
+
+def test_converting_into_a_checkpoint_of_the_other_layout_replaces_it(tmp_path):
+    """HF over Mistral and Mistral over HF: the folder then loads as the model just written."""
+    a, b = tiny_hf("mixtral", seed=1), tiny_hf("mixtral", seed=2)
+    a.save_pretrained(tmp_path / "a")
+    b.save_pretrained(tmp_path / "b")
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9]])
+    for first, second, to in (("a", "b", "mistral"), ("b", "a", "hf")):
+        dst = tmp_path / f"over-{to}"
+        convert(tmp_path / first, dst, to="hf" if to == "mistral" else "mistral")
+        convert(tmp_path / second, dst, to=to)
+        stale = {"mistral": ["config.json", "model.safetensors"],
+                 "hf": ["params.json", "consolidated.safetensors"]}[to]
+        assert not any((dst / name).exists() for name in stale)
+        peer = a if second == "a" else b
+        with torch.no_grad():
+            torch.testing.assert_close(from_pretrained(dst)(ids).logits, peer(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_pickled_mistral_weights_get_advice_for_that_layout(tmp_path):
+    from safetensors.torch import load_file
+
+    from moekit.hf import CheckpointError
+
+    tiny_hf("mixtral").save_pretrained(tmp_path / "hf")
+    convert(tmp_path / "hf", tmp_path / "m", to="mistral")
+    state = load_file(tmp_path / "m" / "consolidated.safetensors")
+    (tmp_path / "m" / "consolidated.safetensors").unlink()
+    torch.save(state, tmp_path / "m" / "consolidated.00.pth")
+    with pytest.raises(CheckpointError, match="only pickle weights") as info:
+        from_pretrained(tmp_path / "m")
+    command = str(info.value).split("`")[1]
+    assert "AutoModelForCausalLM" not in command and "consolidated.00.safetensors" in command
+    exec(command.removeprefix('python -c "').removesuffix('"'))  # the advice works as given
+    assert from_pretrained(tmp_path / "m").config.num_experts == 4

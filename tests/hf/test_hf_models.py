@@ -131,6 +131,20 @@ def test_tied_embeddings_and_dtype(tmp_path):
     assert half.lm_head.weight is half.model.embed_tokens.weight
 
 
+def test_tied_config_with_another_stored_head_keeps_it_as_transformers_does(tmp_path):
+    hf = tiny_hf("mixtral", seed=4)  # untied: lm_head.weight differs from the embedding
+    hf.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    with pytest.warns(UserWarning, match="differs from the embedding; keeping the stored head"):
+        model = from_pretrained(tmp_path)
+    assert not model.config.tie_word_embeddings
+    peer = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS).logits, peer(IDS).logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(model.lm_head.weight, hf.lm_head.weight, atol=0, rtol=0)
+
+
 def test_loaded_weights_are_trainable_in_place(saved):
     """mmap-backed parameters are private copies on write: an optimizer step works, files stay intact."""
     _, _, single, _ = saved
