@@ -138,9 +138,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _top_p_arg(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"must be in (0, 1] (1 = off), got {text}")
+    return value
+
+
+def _top_k_arg(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0 = all), got {text}")
     return value
 
 
@@ -180,7 +193,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                    help="prompt text; repeat for a batch of prompts")
     p.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per prompt at most")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy")
-    p.add_argument("--top-k", type=int, default=50, help="keep the k most likely tokens (0 = all)")
+    p.add_argument("--top-k", type=_top_k_arg, default=50, help="keep the k most likely tokens (0 = all)")
     p.add_argument("--top-p", type=_top_p_arg, default=0.95, help="nucleus sampling mass in (0, 1] (1 = all)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (row b uses seed + b)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")

@@ -139,6 +139,7 @@ def test_errors_are_clear_and_touch_nothing(run_dir, data_dir, tmp_path, capsys)
     absent = "cuda:99" if torch.cuda.is_available() else "cuda:0"
     for argv, message in [(["generate", str(run_dir), "--prompt", "x", "--device", "gpu"], "--device: "),
                           (["generate", str(run_dir), "--prompt", "x", "--top-p", "1.5"], "--top-p: must be"),
+                          (["generate", str(run_dir), "--prompt", "x", "--top-k", "-1"], "--top-k: must be"),
                           (["analyze", str(run_dir), "--device", absent], "--device: ")]:
         with pytest.raises(SystemExit) as exit_info:  # argparse: the usage line + one message
             main(argv)

@@ -47,7 +47,9 @@ class _RowText:
             return self.flush()
         # An incomplete UTF-8 character decodes to U+FFFD, one per byte with byte-fallback
         # tokenizers: hold them all back until the character is complete.
-        safe = min(len(self.text) - self.hold, len(self.text.rstrip("\ufffd")))
+        # The hold-back for stop strings counts from the complete text: a pending character's U+FFFD
+        # must not stand in for the end of a stop string that the character completes.
+        safe = len(self.text.rstrip("\ufffd")) - self.hold
         if safe <= self.emitted:
             return ""
         piece, self.emitted = self.text[self.emitted : safe], safe
@@ -56,6 +58,15 @@ class _RowText:
     def flush(self) -> str:
         piece, self.emitted = self.text[self.emitted :], len(self.text)
         return piece
+
+
+def _prompt_context(tokenizer: Any, ids: Sequence[int]) -> list[int]:
+    """The end of a prompt from its last token that decodes to text: special tokens (Mistral's
+    ``[/INST]``) are skipped in decoding, so ``decode(prompt + new)`` keeps the space of the first
+    new token after the last ordinary token before them."""
+    special = {i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
+    last = next((j for j in range(len(ids) - 1, -1, -1) if ids[j] not in special), len(ids) - 1)
+    return list(ids[last:])
 
 
 def special_stop_ids(tokenizer: Any, stop: Sequence[str]) -> list[int]:
@@ -109,7 +120,7 @@ def generate_text(
     if extra:
         given = kwargs.get("stop_token_ids")
         kwargs["stop_token_ids"] = [*(default_stop_ids(model.config) if given is None else given), *extra]
-    rows = [_RowText(tokenizer, stop, context=ids[-1:]) for ids in prompt_ids]
+    rows = [_RowText(tokenizer, stop, context=_prompt_context(tokenizer, ids)) for ids in prompt_ids]
 
     def on_token(row: int, token_id: int) -> bool:
         piece = rows[row].push(token_id)

@@ -248,6 +248,16 @@ def test_metaspace_byte_fallback_text_keeps_the_space_and_streams_whole_characte
         got = text_module.generate_text(None, wrapped, prompt, 10, stream=lambda r, s, p=pieces: p.append(s))
         assert prompt + got[0] == reference
         assert "".join(pieces) == got[0] and "\ufffd" not in "".join(pieces)
+    tok.add_special_tokens(["[/INST]"])  # a prompt ending in a special token (decoded as nothing)
+    prompt = "The capital is[/INST]"
+    assert tok.id_to_token(tok.encode(prompt).ids[-1]) == "[/INST]"
+    got = text_module.generate_text(None, tok, prompt, 10)[0]
+    assert got == tok.decode(tok.encode(prompt).ids + new)[len("The capital is"):] == " Paris 😀 hi"
+    # A stop string whose next character is still pending (U+FFFD) is not streamed in part.
+    pieces = []
+    got = text_module.generate_text(None, tok, "The capital is", 10, stop=["s 😀"],
+                                    stream=lambda r, s: pieces.append(s))
+    assert got == [" Pari"] and "".join(pieces) == " Pari"
 
 
 @pytest.mark.parametrize("kw", [dict(capacity_factor=1.0), dict(router="expert_choice")])

@@ -90,8 +90,19 @@ def test_rows_use_seed_plus_row():
         (dict(top_p=0.0), "top_p"),
         (dict(top_p=1.5), "top_p"),
         (dict(seed=1.5), "seed"),
+        (dict(seed=-1), "seed"),
+        (dict(seed=2**64), "seed"),
     ],
 )
 def test_sampling_config_errors(kw, match):
     with pytest.raises(ValueError, match=match):
         SamplingConfig(**kw)
+
+
+def test_numpy_scalars_are_numbers():
+    import numpy as np
+
+    cfg = SamplingConfig(temperature=np.float32(0.5), top_k=np.int64(5), top_p=np.float64(0.9),
+                         seed=np.int64(3))
+    assert cfg == SamplingConfig(temperature=0.5, top_k=5, top_p=0.9, seed=3)
+    assert type(cfg.temperature) is float and type(cfg.top_k) is int
