@@ -358,6 +358,10 @@ def _log_line(line: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from safetensors import SafetensorError
+
+    from moekit.train.loop import TrainingDiverged
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -367,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `moekit info | head`: the reader left; say nothing more
         _quiet_stdout()
         return 1
-    except (ValueError, TypeError, OSError) as err:  # OSError: a missing / unreadable path, a full disk
+    except (ValueError, TypeError, OSError, SafetensorError, TrainingDiverged) as err:
+        # OSError / SafetensorError: a missing / unreadable path, a full disk
         print(f"moekit: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -4,7 +4,7 @@ from moekit.train.checkpoint import list_checkpoints, load_checkpoint, save_chec
 from moekit.train.config import TrainConfig
 from moekit.train.corpus import Corpus, Document, default_corpus_root, load_corpus
 from moekit.train.data import TokenStream, encode_documents, validation_batches
-from moekit.train.loop import TrainResult, evaluate, train
+from moekit.train.loop import TrainingDiverged, TrainResult, evaluate, train
 from moekit.train.run import load_run, read_run_info
 from moekit.train.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 
@@ -14,6 +14,7 @@ __all__ = [
     "TokenStream",
     "TrainConfig",
     "TrainResult",
+    "TrainingDiverged",
     "default_corpus_root",
     "encode_documents",
     "evaluate",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shlex
 import signal
@@ -41,6 +42,11 @@ from moekit.train.data import TokenStream, validation_batches
 from moekit.train.prepare import load_tokens, prepare_run
 from moekit.train.run import METRICS_FILE, TOKENIZER_FILE, claim_run_dir, read_run_info, write_run_info
 from moekit.train.tokenizer import load_tokenizer
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient norm of a step was not finite: training stopped before that step's
+    update, so no checkpoint holds non-finite weights."""
 
 
 @dataclass
@@ -245,7 +251,8 @@ def train(
         out: run directory; must be absent or empty for a new run, a moekit run for ``resume``.
         model_config: :class:`moekit.models.ModelConfig` (default: preset ``tiny``). On resume it
             is optional and must equal the run's.
-        train_config: a full :class:`TrainConfig` for a new run (default ``TrainConfig()``).
+        train_config: a full :class:`TrainConfig` for a new run (default ``TrainConfig()``); refused
+            with ``resume``.
         train_changes: fields to change from ``train_config`` (new run) or from the run's saved
             config (resume; identity fields such as ``lr`` or ``batch_size`` may not change there).
         data: ``None`` = the embedded stdlib corpus; else see :func:`moekit.train.corpus.load_corpus`.
@@ -257,9 +264,14 @@ def train(
             over ``N`` ranks (see :mod:`moekit.distributed.training`; 1 = data parallel only).
 
     A SIGINT (Ctrl-C) or SIGTERM finishes the current step, saves a checkpoint and returns with
-    ``interrupted=True``. The run (rank 0 of a torchrun job) holds ``out/.moekit-lock`` while it
-    runs, so a second ``train`` into the same directory fails at once.
+    ``interrupted=True``. A step whose loss or gradient norm is not finite raises
+    :class:`TrainingDiverged` before its update (checkpoints saved so far stay). The run (rank 0 of a
+    torchrun job) holds ``out/.moekit-lock`` while it runs, so a second ``train`` into the same
+    directory fails at once.
     """
+    if resume and train_config is not None:
+        raise ValueError("train_config is for a new run; a resume continues the run's own config "
+                         "(change max_steps or other non-identity fields with train_changes)")
     args = (model_config, train_config, train_changes, data, resume, show_progress, log, on_step)
     if not expert_parallel:
         with claim_run_dir(out, new=not resume):
@@ -391,6 +403,15 @@ def _train(out: Path, model_config, train_config, train_changes, data, resume, s
                 grad_norm = ep.sync_and_clip(model, clip)
             else:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+            if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
+                bar.close()
+                newest = list_checkpoints(out)
+                kept = (f"the newest checkpoint (step {newest[-1][0]}) is intact" if newest
+                        else "no checkpoint saved yet")
+                raise TrainingDiverged(
+                    f"training diverged at step {step + 1}: loss {loss_sum / cfg.grad_accum:.4g}, gradient "
+                    f"norm {grad_norm:.4g}; stopped before its update ({kept}). Start a new run with a "
+                    "lower --lr, more --warmup-steps or --grad-clip")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             model.update_router_bias()  # sigmoid_bias routers: the load counted over this step

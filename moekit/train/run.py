@@ -75,7 +75,7 @@ def claim_run_dir(out: str | os.PathLike, new: bool) -> Iterator[Path]:
 
     ``new``: create ``out`` (it must be absent or empty); if the body fails before ``run.json`` is
     written (a bad corpus, Ctrl-C during preparation), the directory is removed again when this
-    call created it.
+    call created it, and emptied again when it was an empty directory already.
     """
     path = Path(out)
     if not new and not path.is_dir():  # not a run at all: the caller's checks say so
@@ -84,6 +84,7 @@ def claim_run_dir(out: str | os.PathLike, new: bool) -> Iterator[Path]:
     if new and path.exists() and not path.is_dir():
         raise ValueError(f"--out {path} exists and is not a directory; choose another --out")
     created = new and not path.exists()
+    emptied = new and not created and not any(path.iterdir())  # an empty directory of the user's
     if new:
         path.mkdir(parents=True, exist_ok=True)
     lock = path / LOCK_FILE
@@ -96,9 +97,16 @@ def claim_run_dir(out: str | os.PathLike, new: bool) -> Iterator[Path]:
     try:
         yield path
     except BaseException:
-        if created and not (path / RUN_FILE).exists():
+        if (created or emptied) and not (path / RUN_FILE).exists():  # what this call made goes
             lock.unlink(missing_ok=True)
-            shutil.rmtree(path, ignore_errors=True)
+            if created:
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                for child in path.iterdir():
+                    if child.is_dir():
+                        shutil.rmtree(child, ignore_errors=True)
+                    else:
+                        child.unlink(missing_ok=True)
         raise
     finally:
         lock.unlink(missing_ok=True)

@@ -87,6 +87,9 @@ def test_resume_errors(tmp_path, text_dir):
         train(tmp_path / "run", resume=True, data=tmp_path, show_progress=False)
     with pytest.raises(ValueError, match="newest checkpoint is at step 2 and --max-steps is 2"):
         train(tmp_path / "run", resume=True, show_progress=False)  # nothing left to train
+    with pytest.raises(ValueError, match="train_config is for a new run"):  # not silently ignored
+        train(tmp_path / "run", resume=True, train_config=micro_train(max_steps=4, lr=0.5),
+              show_progress=False)
     damaged = list_checkpoints(tmp_path / "run")[-1][1] / "optimizer.json"
     damaged.write_text("{")
     before[damaged] = b"{"
@@ -122,6 +125,40 @@ def test_data_errors_write_nothing(tmp_path):
     with pytest.raises(ValueError, match="seq-len"):
         _run(tmp_path / "out", tmp_path / "small.txt", train_config=micro_train(seq_len=128))
     assert not (tmp_path / "out").exists()
+
+
+
+def test_a_failed_set_up_leaves_an_empty_out_empty(tmp_path, text_dir, monkeypatch, capsys):
+    """A full disk after the tokenizer was written: the user's empty --out is empty again (the next
+    run can use it), and the CLI says so in one line (safetensors' error is not an OSError)."""
+    from safetensors import SafetensorError
+
+    from moekit.cli import main
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr("moekit.train.prepare.save_file", full_disk)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SafetensorError):
+        _run(tmp_path / "empty", text_dir)
+    assert list((tmp_path / "empty").iterdir()) == []
+    assert main(["train", "--data", str(text_dir), "--out", str(tmp_path / "empty"), "--no-progress"]) == 2
+    assert capsys.readouterr().err.startswith("moekit: error: Error while serializing")
+    assert list((tmp_path / "empty").iterdir()) == []
+
+
+def test_a_diverging_run_stops_before_a_non_finite_update(tmp_path, text_dir):
+    from moekit.train import TrainingDiverged
+
+    config = micro_train(max_steps=40, lr=1e4, grad_clip=0.0, warmup_steps=0, save_every=1, keep_last=2)
+    with pytest.raises(TrainingDiverged, match="training diverged at step .*newest checkpoint"):
+        _run(tmp_path / "run", text_dir, train_config=config)
+    for _, path in list_checkpoints(tmp_path / "run"):
+        state = load_run(tmp_path / "run", step=int(path.name.split("_")[1]))[0].state_dict()
+        assert all(torch.isfinite(t).all() for t in state.values())
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert all("NaN" not in line and "Infinity" not in line for line in lines)
 
 
 def test_a_model_too_big_for_the_machine_is_refused_before_writing(tmp_path, text_dir, monkeypatch):
