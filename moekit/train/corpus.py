@@ -183,9 +183,10 @@ def load_corpus(
     Args:
         data: ``None`` for the embedded default (every ``.py`` file of the standard library of
             the running interpreter), a directory (every non-hidden UTF-8 text file, recursively;
-            ``.jsonl`` files inside it are read record by record), a ``.jsonl`` file (one JSON
-            object with a ``"text"`` field per line), or any other text file (cut into chunks of
-            about ``TXT_CHUNK_CHARS`` characters at line boundaries).
+            ``.jsonl`` files inside it are read record by record; a lone text file is cut as
+            below), a ``.jsonl`` file (one JSON object with a ``"text"`` field per line), or any
+            other text file (cut into chunks of about ``TXT_CHUNK_CHARS`` characters at line
+            boundaries).
         val_fraction: share of documents held out for validation, in ``(0, 0.5]``.
         max_train_chars / max_val_chars: character budgets (``None`` = everything); the last
             document taken is truncated to fit.
@@ -231,6 +232,10 @@ def load_corpus(
         if not candidates:
             raise ValueError(f"--data {path}: the directory contains no files (hidden files and "
                              "directories and __pycache__ are skipped)")
+        if len(candidates) < min_documents:  # one file: cut into documents, as that file alone would be
+            candidates = [(d.name, d) for name, handle in candidates
+                          for d in ([handle] if isinstance(handle, Document)
+                                    else _txt_documents(read(handle) or "", name))]
         return _split(candidates, read, source=source, **kwargs)
     if path.suffix == ".jsonl":
         docs = list(_jsonl_documents(path, path.name))

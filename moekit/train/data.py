@@ -18,8 +18,17 @@ from tokenizers import Tokenizer
 
 
 def encode_documents(tokenizer: Tokenizer, texts: Iterable[str], eos_id: int) -> np.ndarray:
-    """Tokenise ``texts`` and concatenate them, each followed by ``eos_id``; returns ``(N,)`` int32."""
-    encodings = tokenizer.encode_batch(list(texts), add_special_tokens=False)
+    """Tokenise ``texts`` and concatenate them, each followed by ``eos_id``; returns ``(N,)`` int32.
+
+    A special token's text inside a document (``"<|endoftext|>"`` in source code about tokenizers)
+    is encoded as the text it is, not as the token: only ``eos_id`` separates documents.
+    """
+    literal = tokenizer.encode_special_tokens
+    tokenizer.encode_special_tokens = True
+    try:
+        encodings = tokenizer.encode_batch(list(texts), add_special_tokens=False)
+    finally:
+        tokenizer.encode_special_tokens = literal
     pieces = []
     eos = np.array([eos_id], dtype=np.int32)
     for enc in encodings:

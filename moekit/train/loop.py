@@ -87,6 +87,26 @@ class _GracefulStop:
             signal.signal(sig, handler)
 
 
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Any:
+    """SIGTERM outside the training loop (preparing the run, loading a checkpoint) acts as Ctrl-C
+    does there: a KeyboardInterrupt, so a half-prepared run directory is removed, not left behind.
+    Only where SIGTERM still has its default action (a caller's own handler is kept)."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -274,7 +294,7 @@ def train(
                          "(change max_steps or other non-identity fields with train_changes)")
     args = (model_config, train_config, train_changes, data, resume, show_progress, log, on_step)
     if not expert_parallel:
-        with claim_run_dir(out, new=not resume):
+        with _terminate_as_interrupt(), claim_run_dir(out, new=not resume):
             return _train(Path(out), *args, ep=None)
     # A torchrun job: the ranks agree on the directory (e.g. a time-stamped default), rank 0 holds
     # its lock, prepares it and writes to it. The logic is in moekit.distributed.training.

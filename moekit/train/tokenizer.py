@@ -1,7 +1,9 @@
 """Byte-level BPE tokenizer trained with Hugging Face ``tokenizers`` on the training split.
 
 Byte-level means every string round-trips: ``decode(encode(s)) == s`` for any Unicode text,
-including characters never seen in training (they fall back to their UTF-8 bytes).
+including characters never seen in training (they fall back to their UTF-8 bytes), once the text of
+a special token is encoded as text (``encode_special_tokens``, as training data is:
+:func:`moekit.train.data.encode_documents`).
 """
 
 from __future__ import annotations

@@ -50,6 +50,10 @@ def test_txt_file_is_chunked_and_jsonl_file(tmp_path):
     c = load_corpus(txt)
     assert c.num_documents >= 9
     assert c.train_chars + c.validation_chars == len(txt.read_text())
+    (tmp_path / "books").mkdir()  # the same file alone in a directory: the same documents
+    txt.rename(tmp_path / "books" / "book.txt")
+    assert load_corpus(tmp_path / "books") == c.__class__(str((tmp_path / "books").resolve()),
+                                                         c.train, c.validation, c.num_documents)
     jl = tmp_path / "d.jsonl"
     jl.write_text("\n".join(json.dumps({"text": f"doc {i}", "id": i}) for i in range(10)) + "\n\n")
     c = load_corpus(jl, val_fraction=0.3)

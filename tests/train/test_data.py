@@ -45,3 +45,16 @@ def test_validation_batches_and_errors():
         TokenStream(tokens[:5], 10, 1)
     with pytest.raises(ValueError, match="batch_size"):
         TokenStream(tokens, 10, 0)
+
+
+def test_special_token_text_in_a_document_is_text():
+    from moekit.train.data import encode_documents
+    from moekit.train.tokenizer import EOS_TOKEN, PAD_TOKEN, eos_token_id, train_tokenizer
+
+    tok = train_tokenizer(["x = 1\nprint(x)\n"] * 20, 300)
+    eos = eos_token_id(tok)
+    text = f'x = "{EOS_TOKEN}" + "{PAD_TOKEN}"'
+    ids = encode_documents(tok, [text, "y"], eos).tolist()
+    assert ids.count(eos) == 2 and ids[ids.index(eos) + 2] == eos  # the two documents' ends only
+    assert tok.decode(ids[: ids.index(eos)]) == text
+    assert not tok.encode_special_tokens  # the tokenizer is left as it was

@@ -213,3 +213,19 @@ def test_metrics_count_routed_slots_and_the_capacity_drop_rate(tmp_path, text_di
                 assert line["drop_rate"] >= 0.5 - 1e-9
             else:
                 assert line["drop_rate"] == 0.0
+
+
+def test_sigterm_while_preparing_removes_the_half_made_run(tmp_path, text_dir, monkeypatch):
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        pytest.skip("this process has its own SIGTERM handler (the run keeps it)")
+
+    def terminated(out, *args, **kwargs):
+        (out / "tokenizer.json").write_text("{}")  # a part of the run written, then the signal
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not interrupt")
+
+    monkeypatch.setattr("moekit.train.loop.prepare_run", terminated)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path / "run", text_dir)
+    assert not (tmp_path / "run").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
