@@ -16,6 +16,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from moekit.analysis.specialization import python_char_categories, token_categories
+from moekit.train.data import encode_literal
 
 
 @dataclass
@@ -110,13 +111,13 @@ def encode_windows(
     texts = [t for t in texts if t]
     encodings: list[Any] = []
     if max_doc_tokens == "balanced":
-        encodings = tokenizer.encode_batch(texts, add_special_tokens=False)
+        encodings = encode_literal(tokenizer, texts)
         extra = int(separator_id is not None)
         max_doc_tokens = balanced_cap([len(e.ids) for e in encodings], max_tokens, extra)
     for i, text in enumerate(texts):
         if total >= max_tokens:
             break
-        enc = encodings[i] if encodings else tokenizer.encode(text, add_special_tokens=False)
+        enc = encodings[i] if encodings else encode_literal(tokenizer, [text])[0]
         python = is_python(text)
         starts.append((total, python))
         if python:

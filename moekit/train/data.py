@@ -11,24 +11,29 @@ checkpoint and restoring it reproduces every later batch exactly.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import torch
 from tokenizers import Tokenizer
 
 
-def encode_documents(tokenizer: Tokenizer, texts: Iterable[str], eos_id: int) -> np.ndarray:
-    """Tokenise ``texts`` and concatenate them, each followed by ``eos_id``; returns ``(N,)`` int32.
-
-    A special token's text inside a document (``"<|endoftext|>"`` in source code about tokenizers)
-    is encoded as the text it is, not as the token: only ``eos_id`` separates documents.
-    """
+def encode_literal(tokenizer: Tokenizer, texts: list[str]) -> list[Any]:
+    """``tokenizer.encode_batch(texts)`` without added special tokens, and with a special token's text
+    inside a document (``"<|endoftext|>"`` in source code about tokenizers) encoded as the text it
+    is, not as the token: only the separator placed after each document ends it."""
     literal = tokenizer.encode_special_tokens
     tokenizer.encode_special_tokens = True
     try:
-        encodings = tokenizer.encode_batch(list(texts), add_special_tokens=False)
+        return tokenizer.encode_batch(texts, add_special_tokens=False)
     finally:
         tokenizer.encode_special_tokens = literal
+
+
+def encode_documents(tokenizer: Tokenizer, texts: Iterable[str], eos_id: int) -> np.ndarray:
+    """Tokenise ``texts`` and concatenate them, each followed by ``eos_id``; returns ``(N,)`` int32.
+    Special-token text inside a document is text (:func:`encode_literal`)."""
+    encodings = encode_literal(tokenizer, list(texts))
     pieces = []
     eos = np.array([eos_id], dtype=np.int32)
     for enc in encodings:
