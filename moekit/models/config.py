@@ -179,7 +179,7 @@ class ModelConfig:
                     f"ModelConfig.{name} must be None or an int in [0, vocab_size={self.vocab_size}), "
                     f"got {value!r}"
                 )
-        if self.num_experts > 0 and any(self.is_moe_layer(i) for i in range(self.num_hidden_layers)):
+        if self.num_experts > 0:  # (even if every layer is dense: the fields must still make sense)
             self.moe_config()  # validates the MoE fields (router/top_k/capacity...) with MoEConfig's messages
 
     @property

@@ -122,10 +122,11 @@ class MoEModel(nn.Module):
             limit = self.config.max_position_embeddings
             if limit < S:
                 raise ValueError(f"sequence length {S} exceeds max_position_embeddings={limit}")
-            if input_pos is not None and (input_pos.shape != (S,) or (S and int(input_pos.max()) >= limit)):
-                top = f" up to {int(input_pos.max())}" if input_pos.numel() else ""
-                raise ValueError(f"input_pos must be ({S},) positions below max_position_embeddings={limit}, "
-                                 f"got shape {tuple(input_pos.shape)}{top}")
+            if input_pos is not None and (input_pos.shape != (S,) or (
+                    S and not 0 <= int(input_pos.min()) <= int(input_pos.max()) < limit)):
+                span = f" from {int(input_pos.min())} to {int(input_pos.max())}" if input_pos.numel() else ""
+                raise ValueError(f"input_pos must be ({S},) positions in [0, max_position_embeddings="
+                                 f"{limit}), got shape {tuple(input_pos.shape)}{span}")
             window = self.config.sliding_window
             if window is None or window >= S:
                 mask = None

@@ -210,6 +210,6 @@ def test_input_pos_without_a_cache_is_checked():
     model = MoEForCausalLM(cfg(max_position_embeddings=16))
     ids = torch.randint(0, 40, (1, 4))
     assert model.model(ids, input_pos=torch.arange(4) + 12)[0].shape == (1, 4, 32)  # positions 12..15
-    for bad in (torch.arange(4) + 13, torch.arange(4)[None]):
-        with pytest.raises(ValueError, match=r"input_pos must be \(4,\) positions below"):
+    for bad in (torch.arange(4) + 13, torch.arange(4)[None], torch.arange(4) - 2):  # (-2 would wrap)
+        with pytest.raises(ValueError, match=r"input_pos must be \(4,\) positions in \[0, "):
             model.model(ids, input_pos=bad)

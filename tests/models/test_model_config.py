@@ -109,6 +109,8 @@ def test_get_preset_and_overrides():
         (dict(rope_theta=-1.0), "rope_theta"),
         (dict(num_hidden_layers=1.5), "num_hidden_layers"),
         (dict(capacity_factor=0.0), "capacity_factor"),
+        (dict(capacity_factor=-1.0, first_k_dense_replace=4), "capacity_factor"),  # no MoE layer: still
+        (dict(router="switch", top_k=2, decoder_sparse_step=5), "top_k"),
         (dict(initializer_range=float("inf")), "initializer_range must be finite"),
         (dict(rms_norm_eps=float("inf")), "rms_norm_eps must be finite"),
         (dict(rope_theta=float("nan")), "rope_theta must be finite"),
