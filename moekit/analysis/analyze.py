@@ -42,7 +42,7 @@ class Analysis:
         records: ``{module name: LayerRecord}`` of every MoE layer, in model order.
         per_layer / overall: :func:`metrics.layer_metrics` dicts and their pooled summary.
         detail_layers: module names shown in detail (co-selection, text sample, categories).
-        sample_pieces: text of the first tokens, for the coloured sample.
+        sample_pieces: text of the first tokens, for the coloured sample (None: a separator).
         specialization: ``{module name: top_tokens(...)}`` for the detail layers.
         categories: ``{module name: {"mi_bits", "shuffled_mi_bits", "shuffled_mi_std",
             "category_entropy_bits"}}``, empty when the data holds no Python code.
@@ -54,7 +54,7 @@ class Analysis:
     per_layer: list[dict[str, Any]]
     overall: dict[str, Any]
     detail_layers: list[str]
-    sample_pieces: list[str] = field(default_factory=list)
+    sample_pieces: list[str | None] = field(default_factory=list)
     specialization: dict[str, list[dict[str, list[tuple[str, float]]]]] = field(default_factory=dict)
     categories: dict[str, dict[str, float]] = field(default_factory=dict)
     training_curves: list[dict[str, Any]] = field(default_factory=list)
@@ -279,7 +279,11 @@ def run_analysis(
 
     if not isinstance(max_tokens, int) or max_tokens < 2:
         raise ValueError(f"max_tokens must be an int >= 2, got {max_tokens!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     model, tokenizer, info = load_model(source, device=device, step=step, show_progress=show_progress)
+    if layers is not None:  # a wrong --layers is said before the data is read
+        RoutingRecorder(model, layers)
     texts, data_desc = load_texts(data, info, max_chars=max_tokens * 16, tokenizer=tokenizer)
     context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if seq_len is None:

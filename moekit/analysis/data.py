@@ -8,6 +8,7 @@ between (as in training) and cut into ``(N, S)`` windows, row-major = stream ord
 from __future__ import annotations
 
 import ast
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,13 +29,14 @@ class TokenWindows:
         categories_NS: ``(N, S)`` int64 category ids (``specialization.CATEGORIES``), -1 = unknown
             (not Python code, a document separator, ...).
         sample_pieces: the text of the first tokens of the stream, one string per token, that
-            concatenate back to the source text ("" for a separator token).
+            concatenate back to the source text (None for a separator token; "" for a token that
+            adds no character of its own, e.g. the second byte of a multi-byte character).
         python_documents / documents: how many documents parsed as Python, out of how many used.
     """
 
     ids_NS: np.ndarray
     categories_NS: np.ndarray
-    sample_pieces: list[str] = field(default_factory=list)
+    sample_pieces: list[str | None] = field(default_factory=list)
     python_documents: int = 0
     documents: int = 0
 
@@ -43,13 +45,39 @@ class TokenWindows:
         return int(self.ids_NS.size)
 
 
-def is_python(text: str) -> bool:
-    """True if ``text`` parses as a Python module (category statistics are only meaningful then)."""
-    try:
-        ast.parse(text)
-    except (SyntaxError, ValueError, RecursionError, MemoryError):
-        return False
-    return True
+_NOT_A_STATEMENT = ("", " ", "\t", "\n", "#", ")", "]", "}")  # first characters of lines that are not
+
+
+def is_python(text: str, tries: int = 20) -> bool:
+    """True if ``text`` parses as a Python module (category statistics are only meaningful then), or
+    is one cut short (a file truncated to a character budget): its text up to a top-level statement
+    start (a line beginning in column 0) before the syntax error parses and is at least half of it;
+    up to ``tries`` such starts are tried. (A cut file's categories end where its tokenizer stops.)"""
+
+    def error_line(code: str) -> int | None:  # None: it parses; 0: not Python at all
+        try:
+            ast.parse(code)
+        except SyntaxError as err:
+            return err.lineno or 0
+        except (ValueError, RecursionError, MemoryError):
+            return 0
+        return None
+
+    line = error_line(text)
+    if line is None:
+        return True
+    starts = [0, *(m.end() for m in re.finditer("\n", text))]  # where each line begins
+    index = min(line, len(starts)) - 1  # a cut has to come before the error's line
+    for _ in range(tries):
+        while index > 0 and text[starts[index] : starts[index] + 1] in _NOT_A_STATEMENT:
+            index -= 1  # not a statement start: indented, blank, a comment, a closing bracket
+        if starts[index] < len(text) // 2:
+            return False
+        line = error_line(text[: starts[index]])
+        if line is None:
+            return True
+        index = min(line, index) - 1  # before the prefix's own error (a string opened further up)
+    return False
 
 
 def balanced_cap(lengths: Sequence[int], budget: int, extra: int = 0) -> int:
@@ -105,7 +133,7 @@ def encode_windows(
         raise ValueError(f"max_tokens ({max_tokens}) must be >= seq_len ({seq_len}): one window at least")
     ids: list[np.ndarray] = []
     cats: list[np.ndarray] = []
-    pieces: list[str] = []
+    pieces: list[str | None] = []
     total = 0
     starts: list[tuple[int, bool]] = []  # each document's first stream position, whether it is Python
     texts = [t for t in texts if t]
@@ -135,10 +163,10 @@ def encode_windows(
             for _, end in enc.offsets[:kept]:  # a piece runs from the previous token's end: lossless
                 pieces.append(text[prev:end] if end > prev else "")
                 prev = max(prev, end)
-            if pieces and prev < len(text) and kept == len(enc.ids):
+            if kept and prev < len(text) and kept == len(enc.ids):
                 pieces[-1] += text[prev:]
             if separator_id is not None:
-                pieces.append("")
+                pieces.append(None)
             del pieces[sample_tokens:]
         ids.append(doc_ids)
         cats.append(doc_cats)

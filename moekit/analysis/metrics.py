@@ -76,12 +76,13 @@ def entropy(p: Any, axis: int = -1) -> np.ndarray:
 
 
 def load_entropy(counts_E: Any, normalized: bool = True) -> float:
-    """Entropy of the load distribution; ``normalized`` divides by ``log E`` (1 = uniform, 0 = one expert)."""
+    """Entropy of the load distribution; ``normalized`` divides by ``log E`` (1 = uniform, 0 = one
+    expert takes everything; NaN with a single expert, where it is undefined)."""
     p = load_fractions(counts_E)
     h = float(entropy(p))
     if not normalized:
         return h
-    return h / math.log(p.size) if p.size > 1 else 0.0
+    return h / math.log(p.size) if p.size > 1 else math.nan
 
 
 def effective_num_experts(counts_E: Any) -> float:

@@ -185,7 +185,7 @@ def write_report(a: Analysis, out_dir: str | os.PathLike) -> Path:
     samples = []
     for n in detail:
         firsts = a.records[n].sample_first
-        spans = [(piece if piece else "\u2396", _bg(colors[e]) if e >= 0 else "#fff", e)
+        spans = [("\u2396" if piece is None else piece, _bg(colors[e]) if e >= 0 else "#fff", e)
                  for piece, e in zip(a.sample_pieces, firsts)]
         samples.append({"label": a.labels([n])[0] + f" ({n})", "spans": spans})
     specialization = [
@@ -213,9 +213,21 @@ def write_report(a: Analysis, out_dir: str | os.PathLike) -> Path:
     )
     _write_text(out / "report.html", html)
     _write_text(out / "metrics.json", json.dumps(_strict_json(
-        {"overall": a.overall, "per_layer": a.per_layer, "categories": a.categories, "info": a.info}),
+        {"overall": a.overall, "per_layer": a.per_layer, "categories": a.categories, "info": a.info,
+         "counts": {n: _counts(r) for n, r in a.records.items()}, "specialization": a.specialization}),
         indent=1, default=str, allow_nan=False))
     return out / "report.html"
+
+
+def _counts(rec: Any) -> dict[str, Any]:
+    """The raw tallies behind one layer's statistics and heatmaps (all but the token x expert table)."""
+    pairs, same_first, share_any = rec.consecutive
+    return {
+        "choice": rec.choice_counts, "kept": rec.kept_counts, "first": rec.first_counts,
+        "coselection": rec.coselection,
+        "consecutive": {"pairs": pairs, "same_first": same_first, "share_any": share_any},
+        "category_expert": dict(zip(CATEGORIES, rec.category_expert)),
+    }
 
 
 def _strict_json(o: Any) -> Any:

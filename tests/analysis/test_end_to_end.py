@@ -136,9 +136,11 @@ def test_load_model_dispatch_and_errors(tiny_run, tmp_path, capsys):
     assert "neither a moekit run" in capsys.readouterr().err
     assert main(["analyze", str(tmp_path / "missing")]) == 2
     assert "no such directory" in capsys.readouterr().err
-    assert main(["analyze", str(tiny_run / "run"), "--layers", "7", "--out", str(tmp_path / "x"),
-                 "--max-tokens", "64"]) == 2
-    assert "not MoE layers" in capsys.readouterr().err
+    for flags, message in ((["--layers", "7"], "not MoE layers"), (["--batch-size", "0"], "batch_size")):
+        assert main(["analyze", str(tiny_run / "run"), *flags, "--out", str(tmp_path / "x"),
+                     "--max-tokens", "64"]) == 2
+        out, err = capsys.readouterr()
+        assert message in err and "analyzing" not in out  # refused before the data is read
     assert main(["analyze", str(tiny_run / "run"), "--seq-len", "999"]) == 2
     assert "context" in capsys.readouterr().err
     assert main(["analyze", str(tiny_run / "run"), "--step", "3"]) == 2

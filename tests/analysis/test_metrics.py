@@ -40,6 +40,7 @@ def test_fixed_expert_has_zero_entropy():
     counts = np.zeros(E)
     counts[3] = 500
     assert M.load_entropy(counts) == 0.0
+    assert math.isnan(M.load_entropy([7]))  # one expert: undefined (null in metrics.json), not "collapsed"
     assert M.effective_num_experts(counts) == pytest.approx(1.0)
     assert M.max_mean_load(counts) == pytest.approx(E)
     assert M.load_cv(counts) == pytest.approx(math.sqrt(E - 1))

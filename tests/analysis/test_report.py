@@ -110,6 +110,12 @@ def test_metrics_json_is_strict_json_with_undefined_values_as_null(toy_analysis,
 
     saved = json.loads((tmp_path / "rep" / "metrics.json").read_text(), parse_constant=refuse)
     assert saved["per_layer"][0]["gate_entropy_norm"] is None
+    for name, rec in analysis.records.items():  # the tallies behind the heatmaps are there too
+        counts = saved["counts"][name]
+        assert counts["coselection"] == rec.coselection.tolist()
+        assert counts["choice"] == rec.choice_counts.tolist()
+        assert list(counts["category_expert"].values()) == rec.category_expert.tolist()
+    assert sorted(saved["specialization"]) == analysis.detail_layers
 
 
 def test_analysis_numbers_are_consistent(toy_analysis):

@@ -65,6 +65,32 @@ def test_invalid_python_tail_is_unknown():
     assert not is_python("x = 1\n  y = 2\n") and is_python(SRC)
 
 
+def test_a_python_file_cut_short_is_still_python():
+    """As a character budget cuts the last document of a split: mid-line, or inside a docstring."""
+    import inspect
+
+    import moekit.analysis.metrics as module
+
+    source = inspect.getsource(module)
+    for cut in (len(source) * 3 // 4 + 7, source.index('"""', len(source) // 2) + 10):
+        assert is_python(source[:cut])
+    assert not is_python("It's plain English, not code.\n" * 40)
+    assert not is_python(source[: len(source) // 3] + "It's plain English (unbalanced\n" * 2000)
+
+
+def test_sample_pieces_mark_separators_only(bpe):
+    text = "s = '日本語'  # 🎉\n"
+    tok = bpe(["s = 'abc'  # x\n" * 3])  # the characters above never seen: byte tokens
+    sep = tok.token_to_id("<|endoftext|>")
+    w = encode_windows(tok, [text, text], seq_len=4, max_tokens=10_000, separator_id=sep, sample_tokens=1000)
+    flat = w.ids_NS.reshape(-1).tolist()
+    separators = [i for i, t in enumerate(flat) if t == sep]
+    assert [i for i, p in enumerate(w.sample_pieces) if p is None] == separators
+    assert "" in w.sample_pieces  # multi-byte characters: tokens that add no character of their own
+    shown = "".join(p for p in w.sample_pieces if p is not None)
+    assert shown == (text * 2)[: len(shown)]
+
+
 def test_token_categories_from_offsets():
     cats = python_char_categories(SRC)
     offsets = [(SRC.index(" Stack"), SRC.index(" Stack") + 6),      # " Stack": blank + name -> name
@@ -88,7 +114,7 @@ def test_encode_windows_with_bpe_offsets(bpe):
     flat_c = w.categories_NS.reshape(-1)
     assert (flat_c[:n_src] >= 0).all() and flat_c[n_src] == -1  # separator is unknown
     assert w.ids_NS.reshape(-1)[n_src] == sep
-    assert "".join(w.sample_pieces[:n_src]) == SRC and w.sample_pieces[n_src] == ""
+    assert "".join(w.sample_pieces[:n_src]) == SRC and w.sample_pieces[n_src] is None
     assert len(w.sample_pieces) == w.num_tokens  # the whole stream fits in the sample here
     short = encode_windows(tok, [SRC], seq_len=16, max_tokens=10_000, sample_tokens=7)
     assert short.sample_pieces == w.sample_pieces[:7]
@@ -97,7 +123,7 @@ def test_encode_windows_with_bpe_offsets(bpe):
     assert capped.num_tokens == 3 * 21 // 16 * 16  # 20 tokens + separator per document
     np.testing.assert_array_equal(capped.ids_NS.reshape(-1)[:20], w.ids_NS.reshape(-1)[:20])
     assert capped.ids_NS.reshape(-1)[20] == sep and capped.sample_pieces[:20] == w.sample_pieces[:20]
-    assert capped.sample_pieces[20] == ""
+    assert capped.sample_pieces[20] is None
     lengths = [len(tok.encode(t).ids) for t in (SRC, prose, SRC)]
     balanced = encode_windows(tok, [SRC, prose, SRC], seq_len=16, max_tokens=64, separator_id=sep,
                               max_doc_tokens="balanced")
