@@ -64,7 +64,8 @@ class MoEConfig:
             experts form ``n_group`` groups of consecutive ids, each token keeps the ``topk_group``
             groups with the largest sum of their two best biased scores and takes its top ``K``
             experts from those. ``n_group=1`` (default) routes over all experts.
-        backend: grouped-matmul backend behind the experts' seam, one of ``BACKENDS``.
+        backend: grouped-matmul backend behind the experts' seam: one of ``BACKENDS`` or a name
+            registered with :func:`moekit.kernels.register_backend`.
     """
 
     hidden_size: int
@@ -94,8 +95,11 @@ class MoEConfig:
                 raise ValueError(f"MoEConfig.{name} must be a positive int, got {value!r}")
         if self.router not in ROUTERS:
             raise ValueError(f"MoEConfig.router must be one of {ROUTERS}, got {self.router!r}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"MoEConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
+        from moekit.kernels import available_backends  # the built-in BACKENDS and registered ones
+
+        if self.backend not in available_backends():
+            raise ValueError(f"MoEConfig.backend must be one of {available_backends()} (or a name given "
+                             f"to moekit.kernels.register_backend), got {self.backend!r}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"MoEConfig.activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 1:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import Tensor
 
 from moekit.kernels import cpu
@@ -68,12 +69,17 @@ def grouped_mm(x_SI: Tensor, w_EOI: Tensor, counts_E: Tensor, backend: str = "gr
         backend: a name from :func:`available_backends`.
 
     Returns:
-        ``(S, O)`` in the dtype of ``x_SI``.
+        ``(S, O)`` in the dtype of ``x_SI`` (under ``torch.autocast``: both operands in its dtype first,
+        float64 excepted, as for ``nn.Linear``).
     """
     try:
         fn = _BACKENDS[backend]
     except KeyError:
         raise ValueError(f"backend must be one of {available_backends()}, got {backend!r}") from None
+    device_type = x_SI.device.type
+    if torch.is_autocast_enabled(device_type):  # as autocast casts a matmul's operands (the backends'
+        dtype = torch.get_autocast_dtype(device_type)  # out= and grouped_mm calls are outside its reach)
+        x_SI, w_EOI = (t if t.dtype == torch.float64 else t.to(dtype) for t in (x_SI, w_EOI))
     return fn(x_SI, w_EOI, counts_E)
 
 

@@ -37,7 +37,8 @@ def _aligned(t: Tensor) -> bool:
     if t.data_ptr() % 16:
         return False
     strides = t.stride()
-    return strides.count(1) == 1 and all(s == 1 or (s > 0 and (s * size) % 16 == 0) for s in strides)
+    return (strides.count(1) == 1 and strides.index(1) >= t.dim() - 2  # the unit stride in a matrix
+            and all(s == 1 or (s > 0 and (s * size) % 16 == 0) for s in strides))
 
 
 def grouped_mm_supported(x_SI: Tensor, w_EOI: Tensor) -> bool:

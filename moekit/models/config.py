@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from moekit.core.config import BACKENDS, ROUTERS, MoEConfig
+from moekit.core.config import ROUTERS, MoEConfig
 
 QK_NORMS = (None, "full", "head")
 
@@ -155,8 +155,11 @@ class ModelConfig:
                 )
         if self.router not in ROUTERS:
             raise ValueError(f"ModelConfig.router must be one of {ROUTERS}, got {self.router!r}")
-        if self.moe_backend not in BACKENDS:
-            raise ValueError(f"ModelConfig.moe_backend must be one of {BACKENDS}, got {self.moe_backend!r}")
+        from moekit.kernels import available_backends
+
+        if self.moe_backend not in available_backends():
+            raise ValueError(f"ModelConfig.moe_backend must be one of {available_backends()} (or a name "
+                             f"given to moekit.kernels.register_backend), got {self.moe_backend!r}")
         if not isinstance(self.mlp_only_layers, (tuple, list)):
             raise ValueError(
                 f"ModelConfig.mlp_only_layers must be a tuple of ints, got {self.mlp_only_layers!r}"

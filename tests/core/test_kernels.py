@@ -42,12 +42,14 @@ def test_torch_grouped_mm_is_used_where_supported():
 
 
 def test_grouped_takes_any_strides_the_reference_takes():
-    """Expanded (stride 0) rows and a one-row input with two unit strides: grouped_mm refuses them,
-    so the seam takes its loop."""
+    """Expanded (stride 0) rows, a one-row input with two unit strides and weights whose unit stride
+    is the expert dimension: grouped_mm refuses them, so the seam takes its loop."""
     torch.manual_seed(0)
-    w = torch.randn(4, 16, 32, requires_grad=True)
-    for x, counts in ((torch.randn(1, 32).expand(100, 32), [20, 20, 20, 40]),
-                      (torch.randn(32, 1).T, [0, 1, 0, 0])):
+    dense = torch.randn(4, 16, 32, requires_grad=True)
+    expert_minor = torch.randn(16, 32, 4).permute(2, 0, 1).detach().requires_grad_()  # unit stride on E
+    for x, w, counts in ((torch.randn(1, 32).expand(100, 32), dense, [20, 20, 20, 40]),
+                         (torch.randn(32, 1).T, dense, [0, 1, 0, 0]),
+                         (torch.randn(100, 32), expert_minor, [20, 20, 20, 40])):
         x = x.detach().requires_grad_()
         assert not grouped_mm_supported(x, w)
         counts = torch.tensor(counts)
@@ -79,10 +81,11 @@ def test_register_backend_plugs_into_the_layer():
 
     register_backend("counting_test", counting)
     assert "counting_test" in available_backends()
-    moe = MoE(MoEConfig(hidden_size=8, intermediate_size=8, num_experts=3, backend="reference"))
-    moe.experts.backend = "counting_test"
+    moe = MoE(MoEConfig(hidden_size=8, intermediate_size=8, num_experts=3, backend="counting_test"))
     y, _ = moe(torch.randn(5, 8))
     assert calls == [10, 10]  # gate_up and down over T*K rows
+    with pytest.raises(ValueError, match="register_backend"):
+        MoEConfig(hidden_size=8, intermediate_size=8, num_experts=3, backend="not_registered")
     with pytest.raises(ValueError, match="backend must be one of"):
         grouped_mm(torch.randn(2, 8), torch.randn(3, 8, 8), torch.tensor([2, 0, 0]), backend="nope")
     with pytest.raises(TypeError, match="callable"):

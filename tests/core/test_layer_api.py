@@ -91,6 +91,25 @@ def test_input_dtype_must_match_the_weights_outside_autocast(backend):
     assert y.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("backend", ["grouped", "reference"])
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("num_tokens", [2, 5, 40, 100])
+@pytest.mark.parametrize("in_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_autocast_runs_the_experts_in_its_dtype_whatever_the_path(backend, training, num_tokens, in_dtype):
+    """As nn.Linear under autocast: any float input, the products in bf16 (every path of the seam,
+    no-grad batches included), within bf16 rounding of the float32 layer."""
+    torch.manual_seed(num_tokens)
+    moe = MoE(MoEConfig(hidden_size=64, intermediate_size=128, num_experts=8, top_k=2, backend=backend))
+    moe.train(training)
+    x = torch.randn(num_tokens, 64).to(in_dtype)
+    with torch.no_grad():
+        ref, _ = moe(x.float())
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.set_grad_enabled(training):
+        y, _ = moe(x)
+    assert y.dtype in (in_dtype, torch.bfloat16)
+    torch.testing.assert_close(y.float(), ref, atol=0.05, rtol=0.05)
+
+
 @pytest.mark.parametrize("router", ["topk", "noisy_topk", "sigmoid_bias"])
 def test_router_stays_float32_under_autocast(router):
     """Selective precision: autocast lowers the experts, never the router (its choice is unchanged)."""
