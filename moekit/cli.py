@@ -243,7 +243,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def print_generations(model: Any, tokenizer: Any, prompts: list[str], no_stream: bool, **kwargs: Any) -> None:
     """``generate_text`` for the CLI: one prompt streams to the terminal (echoed once generation has
-    started, so a prompt that is rejected prints nothing but the error), several print one block each."""
+    started, so a prompt that is rejected prints nothing but the error; with ``no_stream`` the same text
+    at the end), several print one block each."""
     from moekit.inference import generate_text
 
     one = len(prompts) == 1 and not no_stream
@@ -260,6 +261,8 @@ def print_generations(model: Any, tokenizer: Any, prompts: list[str], no_stream:
     texts = generate_text(model, tokenizer, prompts, stream=stream if one else None, **kwargs)
     if one:
         print("" if echoed else prompts[0])
+    elif len(prompts) == 1:  # --no-stream: the same text, printed at the end
+        print(prompts[0] + texts[0])
     else:
         for i, (prompt, text) in enumerate(zip(prompts, texts)):
             print(f"--- [{i}] ---\n{prompt}{text}")

@@ -59,7 +59,10 @@ def test_generate_streams_one_prompt(run_dir):
     r = moekit("generate", run_dir, "--prompt", "def ", "--max-new-tokens", "6", "--temperature", "0")
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("def ")
-
+    quiet = moekit("generate", run_dir, "--prompt", "def ", "--max-new-tokens", "6", "--temperature", "0",
+                   "--no-stream")
+    assert quiet.returncode == 0, quiet.stderr
+    assert quiet.stdout == r.stdout  # the same text, no block header for one prompt
 
 
 def test_generate_a_batch_in_process(run_dir, capsys):
