@@ -13,6 +13,7 @@ decode sizes T = 1..16. No options.
 
 from __future__ import annotations
 
+import argparse
 import time
 
 import torch
@@ -73,6 +74,7 @@ def decode_step(model, batch: int) -> float:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # --help; no options
     torch.set_num_threads(1)
     ours, hf = build(0)
     print("per decode step, CPU ms (one thread)")
