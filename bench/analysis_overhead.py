@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from moekit.analysis import RoutingRecorder
+from moekit.cli import device_arg
 from moekit.models import MoEForCausalLM, get_preset
 
 
@@ -32,7 +33,7 @@ def recorder_bytes(rec: RoutingRecorder) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", type=device_arg, default="cpu")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batches", type=int, default=4, help="forward passes per timed round")

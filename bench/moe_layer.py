@@ -28,6 +28,7 @@ from collections.abc import Callable
 import torch
 
 from moekit import MoE, MoEConfig
+from moekit.cli import device_arg
 from moekit.kernels import cpu
 
 CPU_SHAPES = dict(hidden=256, inter=512, experts=8, top_k=2, tokens=(1, 64, 2048), dtype=torch.float32)
@@ -62,7 +63,7 @@ def forward_fn(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def sync(device: str) -> None:
-    if device == "cuda":
+    if device.startswith("cuda"):
         torch.cuda.synchronize()
 
 
@@ -165,7 +166,7 @@ def floor_ms(shapes: dict, num_tokens: int, experts_hit: int, flops: float, band
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--backend", default="grouped")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--tokens", type=int, nargs="*", help="override the token counts")
@@ -177,14 +178,15 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     global CLOCK
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
-    shapes = dict(CUDA_SHAPES if args.device == "cuda" else CPU_SHAPES)
+    shapes = dict(CUDA_SHAPES if args.device.startswith("cuda") else CPU_SHAPES)
     if args.tokens:
         shapes["tokens"] = tuple(args.tokens)
     modules = build(shapes, args.device, args.backend)
     print(f"# device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} "
           f"D={shapes['hidden']} F={shapes['inter']} E={shapes['experts']} k={shapes['top_k']} "
           f"dtype={shapes['dtype']} backend={args.backend} clock={args.clock}")
-    if args.device == "cuda":
+    if args.device.startswith("cuda"):
+        torch.cuda.set_device(args.device)  # the peaks are measured on the device the layers run on
         peaks = device_peaks(shapes["dtype"])
         print(f"# measured peak {peaks[0] / 1e12:.1f} TFLOP/s, copy bandwidth {peaks[1] / 1e9:.0f} GB/s")
     else:

@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from moekit.cli import device_arg
 from moekit.models import MoEForCausalLM, get_preset
 from moekit.models.info import flops_per_token
 
@@ -102,7 +103,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", type=device_arg, default="cpu")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     if args.threads:

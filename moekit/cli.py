@@ -157,8 +157,9 @@ def _top_k_arg(text: str) -> int:
     return value
 
 
-def _device_arg(name: str) -> str:
-    """``--device`` of the inference commands: cpu, cuda or cuda:N, and CUDA must be there."""
+def device_arg(name: str) -> str:
+    """argparse type of ``--device`` (the inference commands, the benchmarks): cpu, cuda or cuda:N, and
+    CUDA must be there."""
     if name != "cpu" and re.fullmatch(r"cuda(:\d+)?", name) is None:
         raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {name!r}")
     if name != "cpu":
@@ -198,7 +199,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (row b uses seed + b)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
-    p.add_argument("--device", type=_device_arg, default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--device", type=device_arg, default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--no-stream", action="store_true", help="print results at the end, no streaming")
     from moekit.hf.chat import add_generate_flags
 
@@ -314,7 +315,7 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
                         "(default: first, middle, last)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per window (default: the run's seq_len)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
-    p.add_argument("--device", type=_device_arg, default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--device", type=device_arg, default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--step", type=int, default=None, help="checkpoint step of a run (default: the newest)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_analyze)
