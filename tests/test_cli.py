@@ -118,6 +118,7 @@ def test_errors_are_clear_and_touch_nothing(run_dir, data_dir, tmp_path, capsys)
         (["train", "--out", str(run_dir), "--resume", "--lr", "0.5"], "lr: run has"),
         (["train", "--resume"], "--resume needs --out"),
         (["generate", str(data_dir), "--prompt", "x"], "is not a moekit run"),
+        (["generate", str(run_dir / "run.json"), "--prompt", "x"], "a file, not a directory"),
         (["generate", str(run_dir), "--prompt", LONG, "--max-new-tokens", "1"], "prompt"),
         (["generate", str(run_dir), "--prompt", "x", "--chat"], "--chat applies to --model PATH"),
         (["train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), *MICRO],

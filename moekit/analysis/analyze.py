@@ -181,7 +181,8 @@ def load_model(
     """
     p = Path(path)
     if not p.is_dir():
-        raise ValueError(f"RUN_OR_MODEL {p}: no such directory (give a moekit run dir or a HF "
+        what = "a file, not a directory" if p.exists() else "no such directory"
+        raise ValueError(f"RUN_OR_MODEL {p}: {what} (give a moekit run dir or a HF "
                          "checkpoint dir)")
     if (p / "run.json").is_file():
         from moekit.train import load_run

@@ -123,7 +123,8 @@ def read_run_info(run_dir: str | os.PathLike) -> dict[str, Any]:
     """``run.json`` of a moekit run; anything else raises ``ValueError`` saying it is not a run."""
     path = Path(run_dir)
     if not path.is_dir():
-        raise ValueError(f"{path} is not a moekit run: no such directory")
+        what = "a file, not a directory" if path.exists() else "no such directory"
+        raise ValueError(f"{path} is not a moekit run: {what}")
     file = path / RUN_FILE
     try:
         info = json.loads(file.read_text(encoding="utf-8"))

@@ -136,6 +136,8 @@ def test_load_model_dispatch_and_errors(tiny_run, tmp_path, capsys):
     assert "neither a moekit run" in capsys.readouterr().err
     assert main(["analyze", str(tmp_path / "missing")]) == 2
     assert "no such directory" in capsys.readouterr().err
+    assert main(["analyze", str(tiny_run / "run" / "run.json")]) == 2
+    assert "a file, not a directory" in capsys.readouterr().err
     for flags, message in ((["--layers", "7"], "not MoE layers"), (["--batch-size", "0"], "batch_size")):
         assert main(["analyze", str(tiny_run / "run"), *flags, "--out", str(tmp_path / "x"),
                      "--max-tokens", "64"]) == 2
