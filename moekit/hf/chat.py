@@ -109,7 +109,8 @@ def chat_loop(
             out.write("\n> " if messages else "> ")
             out.flush()
             return (read or input)()
-        except EOFError:
+        except EOFError:  # Ctrl-D: the shell's prompt goes on a line of its own
+            out.write("\n")
             return None
 
     shown: list[str] = []  # what the terminal shows of the reply being generated

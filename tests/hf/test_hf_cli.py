@@ -82,6 +82,17 @@ def test_interactive_multi_turn(ckpt):
     assert messages[4]["content"] == _hf_reply(hf, hf_tok, messages[:4])  # the 2nd turn sees the 1st reply
 
 
+def test_interactive_chat_ends_at_eof_on_a_new_line(ckpt):
+    path, _, _ = ckpt
+
+    def read():
+        raise EOFError
+
+    out = io.StringIO()
+    assert chat_loop(from_pretrained(path), load_tokenizer(path), stop_ids=[], read=read, out=out) == []
+    assert out.getvalue() == "> \n"
+
+
 def test_interactive_chat_survives_a_full_context(ckpt):
     path, _, _ = ckpt
     model, tok = from_pretrained(path), load_tokenizer(path)
