@@ -96,20 +96,22 @@ class Experts(nn.Module):
     def forward(self, x_SD: Tensor, counts_E: Tensor) -> Tensor:
         """``(S, D)`` sorted rows, ``(E,)`` counts -> ``(S, D)`` expert outputs (same order).
 
-        Two grouped matmuls through the seam with the activation between them; on the CPUs of
-        :mod:`moekit.kernels.cpu` the ``grouped`` backend instead runs the whole feed-forward as two
-        batched products over all experts while no gradient is recorded, torch runs more than one
-        thread, no group has more than ``BATCHED_MAX_ROWS`` rows and padding at most doubles them
-        (:func:`moekit.kernels.cpu.batched_ffn`), or each expert's in turn from ``FFN_MIN_ROWS``
-        rows (:func:`moekit.kernels.cpu.expert_ffn`, less memory traffic).
+        Two grouped matmuls through the seam with the activation between them; with the ``grouped``
+        backend, where :func:`moekit.kernels.cpu.batched_applies`, the whole feed-forward instead
+        runs as two batched products over all experts while no gradient is recorded, torch runs
+        more than one thread, no group has more than ``BATCHED_MAX_ROWS`` rows and padding at most
+        doubles them (:func:`moekit.kernels.cpu.batched_ffn`), and where
+        :func:`moekit.kernels.cpu.applies`, each expert's in turn from ``FFN_MIN_ROWS`` rows
+        (:func:`moekit.kernels.cpu.expert_ffn`, less memory traffic).
         """
-        if self.backend == "grouped" and x_SD.shape[0] and cpu.applies(x_SD, self.in_proj):
-            if not cpu.records_grad(x_SD, self.in_proj, self.down_proj) and torch.get_num_threads() > 1:
+        if self.backend == "grouped" and x_SD.shape[0]:
+            if (cpu.batched_applies(x_SD, self.in_proj) and torch.get_num_threads() > 1
+                    and not cpu.records_grad(x_SD, self.in_proj, self.down_proj)):
                 largest = int(counts_E.max())  # a host read: only where batched_ffn is possible
                 # Batched while its zero padding at most doubles the rows (it computes every expert).
                 if largest <= cpu.BATCHED_MAX_ROWS and len(counts_E) * largest <= 2 * len(x_SD):
                     return cpu.batched_ffn(x_SD, self.in_proj, self.down_proj, counts_E, self._activate)
-            if x_SD.shape[0] >= cpu.FFN_MIN_ROWS:
+            if x_SD.shape[0] >= cpu.FFN_MIN_ROWS and cpu.applies(x_SD, self.in_proj):
                 return cpu.expert_ffn(x_SD, self.in_proj, self.down_proj, counts_E, self._activate)
         h_SH = grouped_mm(x_SD, self.in_proj, counts_E, self.backend)
         return grouped_mm(self._activate(h_SH), self.down_proj, counts_E, self.backend)

@@ -10,8 +10,9 @@ Backends:
     ``reference``  a plain Python loop over every expert; float64 friendly; the test oracle, kept forever.
     ``grouped``    float32 on CPU: oneDNN per group (:mod:`moekit.kernels.cpu`) where it is enabled
                    (there, from ``cpu.FFN_MIN_ROWS`` rows, ``Experts`` runs each expert's whole
-                   feed-forward in turn, :func:`moekit.kernels.cpu.expert_ffn`, instead of two calls,
-                   and small inference groups as two batched products, ``cpu.batched_ffn``);
+                   feed-forward in turn, :func:`moekit.kernels.cpu.expert_ffn`, instead of two calls;
+                   small inference groups run as two batched products, ``cpu.batched_ffn``, on
+                   every CPU of ``cpu.matvec_enabled``);
                    else ``torch.nn.functional.grouped_mm`` where this torch/device/dtype supports it, a
                    gathered batched matmul for a handful of rows, else a loop over the non-empty groups.
 

@@ -32,7 +32,8 @@ has full AVX-512 code of its own; ``MOEKIT_CPU_MATMUL=torch`` / ``=fast`` forces
 the operands are float32 CPU tensors; everything else keeps torch's matmuls. On the other x86 CPUs
 that are not Intel's (AVX2, e.g. Zen 2) only the matrix-vector path is on (:func:`matvec_enabled`):
 oneDNN's products are no faster than MKL's there, OpenBLAS's matrix-vector products still are
-(1.2-1.4x, docs/benchmarks.md).
+(1.2-1.4x, docs/benchmarks.md). On both, small inference groups of the experts run as
+:func:`batched_ffn` (torch's own batched products, :func:`batched_applies`).
 """
 
 from __future__ import annotations
@@ -146,6 +147,15 @@ def single_threaded_blas() -> Iterator[None]:
         yield
     finally:
         lib.set_num_threads(before)
+
+
+def batched_applies(x: Tensor, w: Tensor) -> bool:
+    """True when the experts' small inference groups may run as :func:`batched_ffn` here. Its two
+    ``torch.bmm`` are torch's own kernels (no oneDNN), and giving each thread its own experts paid on
+    the CPUs of :func:`matvec_enabled` with or without AVX-512 (Zen 4; Zen 2, where the layer's
+    forward at 16-64 tokens ran 1.6-1.9x faster on 2 threads: docs/benchmarks.md); unmeasured on
+    Intel's."""
+    return _eligible(x, w) and matvec_enabled()
 
 
 def applies(x: Tensor, w: Tensor) -> bool:
@@ -424,10 +434,11 @@ def batched_ffn(x_SI: Tensor, w_EHI: Tensor, w_EOF: Tensor, counts_E: Tensor,
     gives each thread its own experts. Worth the padding while groups are small, up to
     ``BATCHED_MAX_ROWS`` rows: the layer's forward 1.0-1.3x faster for 5-96 tokens (8 experts,
     top-2, D=256, F=512) on 2 threads of the Zen 4 CPU but ~0.9x on one thread, and greedy decoding
-    at batch 8-16 1.1-1.2x faster (docs/benchmarks.md). The weights' layout (``nn.Linear``'s) is
-    read in place. Differentiable by torch's autograd, but forward and backward together were
-    1.2-1.5x slower than two grouped matmuls (the padded rows' products): ``Experts`` takes it for
-    inference on more than one thread only.
+    at batch 8-16 1.1-1.2x faster; on Zen 2 the forward 1.0-1.3x (a quiet VM) to 1.6-2x faster
+    for 16-64 tokens, greedy decoding at batch 8 1.1x (docs/benchmarks.md). The weights' layout
+    (``nn.Linear``'s) is read in place. Differentiable by torch's autograd, but forward and
+    backward together were 1.2-1.5x slower than two grouped matmuls (the padded rows' products):
+    ``Experts`` takes it for inference on more than one thread only.
 
     Args and returns as :func:`expert_ffn`.
     """

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -369,8 +371,16 @@ def two_threads():
     torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize(("onednn", "matvec", "taken"), [
+    (True, True, True),  # AVX-512 CPUs that are not Intel's
+    (False, True, True),  # AVX2 ones (Zen 2): torch.bmm needs no oneDNN
+    (False, False, False),  # Intel's, or not x86: unmeasured
+])
 def test_experts_take_batched_ffn_for_small_groups_without_autograd_on_threads(forced, two_threads,
-                                                                              monkeypatch):
+                                                                              monkeypatch, onednn,
+                                                                              matvec, taken):
+    monkeypatch.setattr(cpu, "enabled", lambda: onednn)
+    monkeypatch.setattr(cpu, "matvec_enabled", lambda: matvec)
     torch.manual_seed(0)
     calls = []
     batched = cpu.batched_ffn
@@ -378,10 +388,12 @@ def test_experts_take_batched_ffn_for_small_groups_without_autograd_on_threads(f
     layer = MoE(MoEConfig(hidden_size=16, intermediate_size=24, num_experts=4, top_k=2))
     x = torch.randn(16, 16)
     with torch.no_grad():
-        layer(x)
+        y = layer(x).output
         layer(torch.randn(200, 16))  # groups over BATCHED_MAX_ROWS rows
         torch.set_num_threads(1)
         layer(x)
         torch.set_num_threads(2)
     layer(x)[0].sum().backward()
-    assert len(calls) == 1 and calls[0] <= cpu.BATCHED_MAX_ROWS
+    assert len(calls) == int(taken) and all(c <= cpu.BATCHED_MAX_ROWS for c in calls)
+    layer64 = copy.deepcopy(layer).double()
+    close64(y, layer64(x.double()).output.detach())
