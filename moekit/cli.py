@@ -245,28 +245,39 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def print_generations(model: Any, tokenizer: Any, prompts: list[str], no_stream: bool, **kwargs: Any) -> None:
     """``generate_text`` for the CLI: one prompt streams to the terminal (echoed once generation has
     started, so a prompt that is rejected prints nothing but the error; with ``no_stream`` the same text
-    at the end), several print one block each."""
+    at the end), several print one block each. After a Ctrl-C, the text generated so far is printed
+    before the ``KeyboardInterrupt`` goes on."""
     from moekit.inference import generate_text
 
     one = len(prompts) == 1 and not no_stream
     echoed = False
+    so_far: list[list[str]] = [[] for _ in prompts]  # each row's final text, for a Ctrl-C
 
     def stream(row: int, piece: str) -> None:
         nonlocal echoed
+        so_far[row].append(piece)
+        if not one:
+            return
         if not echoed:
             sys.stdout.write(prompts[0])
             echoed = True
         sys.stdout.write(piece)
         sys.stdout.flush()
 
-    texts = generate_text(model, tokenizer, prompts, stream=stream if one else None, **kwargs)
-    if one:
-        print("" if echoed else prompts[0])
-    elif len(prompts) == 1:  # --no-stream: the same text, printed at the end
-        print(prompts[0] + texts[0])
-    else:
+    def show(texts: list[str]) -> None:
+        if len(prompts) == 1:  # (streamed, or --no-stream: the same text at the end)
+            print("" if echoed else prompts[0] + texts[0])
+            return
         for i, (prompt, text) in enumerate(zip(prompts, texts)):
             print(f"--- [{i}] ---\n{prompt}{text}")
+
+    try:
+        texts = generate_text(model, tokenizer, prompts, stream=stream, **kwargs)
+    except KeyboardInterrupt:  # what was generated is shown, then the interruption goes on
+        if echoed or not one:
+            show(["".join(pieces) for pieces in so_far])
+        raise
+    show(texts)
 
 
 def _add_info(sub: argparse._SubParsersAction) -> None:

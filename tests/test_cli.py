@@ -73,6 +73,29 @@ def test_generate_a_batch_in_process(run_dir, capsys):
     assert "--- [0] ---\nclass" in out and "--- [1] ---\nx =" in out
 
 
+@pytest.mark.parametrize(("prompts", "flags", "expected"), [
+    (["a", "b"], [], "--- [0] ---\naxy\n--- [1] ---\nbz\n"),  # a batch: the blocks so far
+    (["a"], ["--no-stream"], "axy\n"),
+    (["a"], [], "axy\n"),  # streamed, then the line is ended
+])
+def test_ctrl_c_during_generation_shows_the_text_so_far(run_dir, capsys, monkeypatch, prompts, flags,
+                                                        expected):
+    import moekit.inference
+
+    def interrupted(model, tokenizer, prompts, stream, **kwargs):
+        stream(0, "x")
+        stream(0, "y")
+        if len(prompts) > 1:
+            stream(1, "z")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(moekit.inference, "generate_text", interrupted)
+    argv = ["generate", str(run_dir), *(a for p in prompts for a in ("--prompt", p)), *flags]
+    assert main(argv) == 130
+    captured = capsys.readouterr()
+    assert captured.out == expected and "interrupted" in captured.err
+
+
 def test_info():
     r = moekit("info", "--preset", "mixtral-8x7b")
     assert r.returncode == 0, r.stderr
