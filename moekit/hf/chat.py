@@ -143,6 +143,8 @@ def chat_loop(
             continue
         except KeyboardInterrupt:
             if not interactive:
+                if shown:  # the reply so far stays on screen, its line ended
+                    out.write("\n")
                 raise
             # Ctrl-C stops this reply only (Ctrl-C at the prompt, or /exit, quits). What was shown of
             # it stays in the conversation, as on screen; a reply stopped before its first piece

@@ -93,6 +93,27 @@ def test_interactive_chat_ends_at_eof_on_a_new_line(ckpt):
     assert out.getvalue() == "> \n"
 
 
+def test_ctrl_c_in_a_non_interactive_chat_ends_the_line_and_goes_on(ckpt):
+    path, _, _ = ckpt
+
+    class Out(io.StringIO):
+        pieces = 0
+
+        def write(self, text):
+            if self.getvalue().startswith("> Hi\n"):  # a piece of the reply
+                self.pieces += 1
+                if self.pieces == 2:  # Ctrl-C while the reply is being shown
+                    raise KeyboardInterrupt
+            return super().write(text)
+
+    out = Out()
+    with pytest.raises(KeyboardInterrupt):
+        chat_loop(from_pretrained(path), load_tokenizer(path), stop_ids=[], prompts=["Hi"], out=out,
+                  max_new_tokens=8, temperature=0.0)
+    assert out.getvalue().startswith("> Hi\n") and out.getvalue().endswith("\n")
+    assert len(out.getvalue()) > len("> Hi\n\n")  # a piece was shown before the interruption
+
+
 def test_interactive_chat_survives_a_full_context(ckpt):
     path, _, _ = ckpt
     model, tok = from_pretrained(path), load_tokenizer(path)
