@@ -153,8 +153,8 @@ def batched_applies(x: Tensor, w: Tensor) -> bool:
     """True when the experts' small inference groups may run as :func:`batched_ffn` here. Its two
     ``torch.bmm`` are torch's own kernels (no oneDNN), and giving each thread its own experts paid on
     the CPUs of :func:`matvec_enabled` with or without AVX-512 (Zen 4; Zen 2, where the layer's
-    forward at 16-64 tokens ran 1.6-1.9x faster on 2 threads: docs/benchmarks.md); unmeasured on
-    Intel's."""
+    forward at 16-64 tokens ran 1.0-1.3x faster on 2 threads in a quiet phase of the VM and 1.6-2x
+    in a busy one: docs/benchmarks.md); unmeasured on Intel's."""
     return _eligible(x, w) and matvec_enabled()
 
 
