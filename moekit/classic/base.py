@@ -234,7 +234,7 @@ class _BaseMixtureOfExperts(BaseEstimator):
                     best = run
         if not best["converged"]:
             warnings.warn(f"EM did not converge in max_iter={self.max_iter} iterations (tol={self.tol}); "
-                          "raise max_iter or tol, or try more n_init.", ConvergenceWarning, stacklevel=3)
+                          "raise max_iter or tol, or try more n_init.", ConvergenceWarning, stacklevel=4)
         self.experts_ = best["block"]
         self.gates_ = best["gates"]
         self.converged_ = best["converged"]
@@ -246,7 +246,7 @@ class _BaseMixtureOfExperts(BaseEstimator):
         if self.dead_experts_.any():
             warnings.warn(f"experts {np.flatnonzero(self.dead_experts_).tolist()} lost (almost) all "
                           "responsibility and were frozen; consider fewer experts.", UserWarning,
-                          stacklevel=3)
+                          stacklevel=4)
         self.n_parameters_ = self._count_parameters()
         return self
 
@@ -258,6 +258,18 @@ class _BaseMixtureOfExperts(BaseEstimator):
 
     def _set_flat_gate_attributes(self) -> None:
         self.gate_coef_, self.gate_intercept_ = self._gate_in_original_units(self.gates_[0][0])
+
+    @contextlib.contextmanager
+    def _fit_or_keep(self):
+        """Run a fit; if it raises (bad input, Ctrl-C), the estimator is left as it was before the call,
+        so a model fitted earlier stays usable."""
+        saved = dict(self.__dict__)
+        try:
+            yield
+        except BaseException:
+            self.__dict__.clear()
+            self.__dict__.update(saved)
+            raise
 
     def _blas_threads(self):
         """Single-threaded BLAS for EM with the built-in experts.

@@ -32,7 +32,7 @@ class _ClassificationPart:
         check_classification_targets(y)
         self.classes_, codes = np.unique(y, return_inverse=True)
         if len(self.classes_) < 2:
-            raise ValueError(f"y has only one class ({self.classes_[0]!r}); a classifier needs at "
+            raise ValueError(f"y has only one class ({self.classes_[0]}); a classifier needs at "
                              "least 2 classes")
         self.n_classes_ = len(self.classes_)
         return self._fit_em(X, codes.astype(np.intp))
@@ -98,8 +98,9 @@ class MixtureOfExpertsClassifier(_ClassificationPart, ClassifierMixin, _BaseMixt
 
     def fit(self, X, y) -> MixtureOfExpertsClassifier:
         """Fit on ``X`` ``(n_samples, n_features)`` and labels ``y`` ``(n_samples,)``; returns ``self``."""
-        self._fit_classification(X, y)
-        self._set_flat_gate_attributes()
+        with self._fit_or_keep():
+            self._fit_classification(X, y)
+            self._set_flat_gate_attributes()
         return self
 
     def predict_proba(self, X) -> np.ndarray:

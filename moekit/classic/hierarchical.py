@@ -126,15 +126,17 @@ class HierarchicalMixtureOfExperts(_ClassificationPart, _RegressionPart, _BaseMi
 
     def fit(self, X, y) -> HierarchicalMixtureOfExperts:
         """Fit on ``X`` ``(n_samples, n_features)`` and ``y`` ``(n_samples,)``; returns ``self``."""
-        self._fit_task = None  # a refit follows the current task
-        if self._kind() == "regression":
-            self._fit_regression(X, y)
-        else:
-            self._fit_classification(X, y)
-        self._fit_task = self.task
-        coefs, intercepts = zip(*[zip(*[self._gate_in_original_units(Wj) for Wj in W]) for W in self.gates_])
-        self.gate_coefs_ = [np.stack(c) for c in coefs]
-        self.gate_intercepts_ = [np.stack(i) for i in intercepts]
+        with self._fit_or_keep():
+            self._fit_task = None  # a refit follows the current task
+            if self._kind() == "regression":
+                self._fit_regression(X, y)
+            else:
+                self._fit_classification(X, y)
+            self._fit_task = self.task
+            units = [[self._gate_in_original_units(Wj) for Wj in W] for W in self.gates_]
+            coefs, intercepts = zip(*[zip(*level) for level in units])
+            self.gate_coefs_ = [np.stack(c) for c in coefs]
+            self.gate_intercepts_ = [np.stack(i) for i in intercepts]
         return self
 
     def predict(self, X) -> np.ndarray:

@@ -112,8 +112,9 @@ class MixtureOfExpertsRegressor(_RegressionPart, RegressorMixin, _BaseMixtureOfE
 
     def fit(self, X, y) -> MixtureOfExpertsRegressor:
         """Fit on ``X`` ``(n_samples, n_features)`` and ``y`` ``(n_samples,)``; returns ``self``."""
-        self._fit_regression(X, y)
-        self._set_flat_gate_attributes()
+        with self._fit_or_keep():
+            self._fit_regression(X, y)
+            self._set_flat_gate_attributes()
         return self
 
     def predict(self, X) -> np.ndarray:

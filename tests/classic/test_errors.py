@@ -98,3 +98,48 @@ def test_invalid_hme_and_classifier_inputs():
         clf.predict_responsibilities(X, np.full(len(X), 7))
     with pytest.raises(ValueError, match="features"):
         clf.predict(np.ones((3, 2)))
+
+
+def _refit_cases():
+    """(fitted estimator, X it was fitted on, a refit call that raises, the error it raises)."""
+    Xc = np.linspace(-1, 1, 40)[:, None]
+    yc = (Xc[:, 0] > 0).astype(int)
+    reg = MixtureOfExpertsRegressor(2, random_state=0).fit(X, Y)
+    clf = MixtureOfExpertsClassifier(2, random_state=0).fit(Xc, yc)
+    hme = HierarchicalMixtureOfExperts((2,), random_state=0).fit(X, Y)
+    return [
+        (reg, X, lambda m: m.fit(np.hstack([X, X]), np.full(40, np.nan)), ValueError),
+        (clf, Xc, lambda m: m.fit(np.hstack([Xc, Xc]), np.zeros(40)), ValueError),  # one class
+        # the task switches to classification, the refit on continuous y is refused
+        (hme, X, lambda m: m.set_params(task="classification").fit(X, Y), ValueError),
+    ]
+
+
+@pytest.mark.parametrize("case", range(3), ids=["regressor", "classifier", "hme-task-switch"])
+def test_a_refused_refit_leaves_the_fitted_model_as_it_was(case):
+    moe, Xf, refit, error = _refit_cases()[case]
+    before = moe.predict(Xf)
+    n_features = moe.n_features_in_
+    with pytest.raises(error):
+        refit(moe)
+    np.testing.assert_array_equal(moe.predict(Xf), before)
+    assert moe.n_features_in_ == n_features
+
+
+def test_single_class_message_shows_the_label_plainly():
+    with pytest.raises(ValueError, match=r"only one class \(0\.0\)"):
+        MixtureOfExpertsClassifier(2).fit(X, np.zeros(40))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: MixtureOfExpertsRegressor(2, init="random", max_iter=2, random_state=0),
+    lambda: HierarchicalMixtureOfExperts((2,), init="random", max_iter=2, random_state=0),
+], ids=["flat", "hme"])
+def test_fit_warnings_point_at_the_callers_line(make):
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        x = np.random.default_rng(0).uniform(-2, 2, (200, 1))
+        make().fit(x, np.where(x[:, 0] > 0, 2 * x[:, 0], -x[:, 0]) + np.sin(7 * x[:, 0]))
+    assert caught, "expected a ConvergenceWarning"
+    assert all(w.filename == __file__ for w in caught), [(w.filename, w.lineno) for w in caught]
