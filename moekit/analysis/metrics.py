@@ -102,7 +102,7 @@ def gate_entropy(logits_TE: Any) -> np.ndarray:
     z = z - z.max(axis=1, keepdims=True)
     log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
     p = np.exp(log_p)
-    return -np.where(p > 0, p * log_p, 0.0).sum(axis=1)  # 0 log 0 = 0 (masked, -inf logits)
+    return -(p * np.where(p > 0, log_p, 0.0)).sum(axis=1)  # 0 log 0 = 0 (masked, -inf logits)
 
 
 def first_choice(ids_TK: Any, weights_TK: Any | None = None) -> np.ndarray:
