@@ -33,7 +33,9 @@ the operands are float32 CPU tensors; everything else keeps torch's matmuls. On 
 that are not Intel's (AVX2, e.g. Zen 2) only the matrix-vector path is on (:func:`matvec_enabled`):
 oneDNN's products are no faster than MKL's there, OpenBLAS's matrix-vector products still are
 (1.2-1.4x, docs/benchmarks.md). On both, small inference groups of the experts run as
-:func:`batched_ffn` (torch's own batched products, :func:`batched_applies`).
+:func:`batched_ffn` (torch's own batched products, :func:`batched_applies`). On Intel's CPUs every
+product stays on MKL: on an AVX-512 Xeon oneDNN was 0.76-1.0x MKL's, the layer's decode step slower
+on OpenBLAS and ``batched_ffn`` no steady gain (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -154,7 +156,8 @@ def batched_applies(x: Tensor, w: Tensor) -> bool:
     ``torch.bmm`` are torch's own kernels (no oneDNN), and giving each thread its own experts paid on
     the CPUs of :func:`matvec_enabled` with or without AVX-512 (Zen 4; Zen 2, where the layer's
     forward at 16-64 tokens ran 1.0-1.3x faster on 2 threads in a quiet phase of the VM and 1.6-2x
-    in a busy one: docs/benchmarks.md); unmeasured on Intel's."""
+    in a busy one: docs/benchmarks.md); on an Intel Xeon (AVX-512, where it is off) it gave no
+    steady gain."""
     return _eligible(x, w) and matvec_enabled()
 
 
