@@ -215,6 +215,7 @@ def test_linear_experts_do_not_depend_on_the_units_of_a_feature(make_two_lines, 
     np.testing.assert_allclose(two.experts_.intercept_, ref.experts_.intercept_, rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.filterwarnings("ignore:experts .* were frozen:UserWarning")  # 6 kNN experts, 50 samples
 def test_sklearn_experts_that_cannot_fit_their_share_fall_back():
     """An expert left without weight (k-means on a binary feature) or with fewer samples than a kNN's
     neighbours keeps its previous fit, or is fit on all samples before it has one."""
