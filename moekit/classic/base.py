@@ -13,6 +13,10 @@ One iteration (Jordan & Jacobs 1994):
   M-step: each expert is refit with weights = its leaf posterior; each gate is refit to its
     children's posteriors (targets that sum to the gate's own posterior, which thus weights it).
 
+Sample weights (``fit(X, y, sample_weight)``) multiply every posterior before the M-step and every
+sample's log-likelihood in the objective: an integer weight counts a sample that many times. The
+k-means initialisation weights its samples too.
+
 Objective: log-likelihood + log-prior of the penalties (gate L2, expert ridge / L2). Every M-step
 never lowers it, so it never decreases across iterations (``objective_history_``).
 
@@ -39,6 +43,7 @@ from sklearn.utils.validation import check_consistent_length, check_is_fitted, v
 from threadpoolctl import ThreadpoolController
 
 from ._logsumexp import logsumexp
+from .experts import mean_std
 from .softmax import fit_softmax
 from .tree import aggregate, downward, level_sizes, path_log_prob, upward
 
@@ -51,8 +56,9 @@ def _threadpools() -> ThreadpoolController:
     return ThreadpoolController()  # discovering the loaded libraries is slow: do it once
 
 
-def _kmeans_labels(D: np.ndarray, k: int, rng) -> np.ndarray:
-    """k-means labels of the rows of ``D`` (fitted on at most ``_KMEANS_SAMPLES`` of them).
+def _kmeans_labels(D: np.ndarray, k: int, rng, weights: np.ndarray | None = None) -> np.ndarray:
+    """k-means labels of the rows of ``D`` (fitted on at most ``_KMEANS_SAMPLES`` of them, weighted by
+    ``weights`` ``(n,)`` or all alike).
 
     A sub-sample is plenty for a starting partition; one OpenMP thread avoids the spin-wait slowdown
     of KMeans on busy machines (the init is a small part of a fit).
@@ -60,11 +66,31 @@ def _kmeans_labels(D: np.ndarray, k: int, rng) -> np.ndarray:
     n = D.shape[0]
     if n < k:  # too few rows below this node: spread them over the children
         return np.arange(n) % k
-    sub = D if n <= _KMEANS_SAMPLES else D[rng.choice(n, _KMEANS_SAMPLES, replace=False)]
+    sub = np.arange(n) if n <= _KMEANS_SAMPLES else rng.choice(n, _KMEANS_SAMPLES, replace=False)
+    if weights is not None and not weights[sub].any():
+        return np.arange(n) % k  # no weight in this node's sample: nothing to cluster on
     with warnings.catch_warnings(), _threadpools().limit(limits=1, user_api="openmp"):
         warnings.simplefilter("ignore", ConvergenceWarning)  # fewer distinct points than clusters
-        km = KMeans(n_clusters=k, n_init=1, random_state=rng.randint(2**31 - 1)).fit(sub)
+        km = KMeans(n_clusters=k, n_init=1, random_state=rng.randint(2**31 - 1))
+        km.fit(D[sub], sample_weight=None if weights is None else weights[sub])
         return km.predict(D)
+
+
+def _sample_weight(sample_weight, n: int) -> np.ndarray | None:
+    """Validated ``sample_weight``: ``None`` (all samples alike) or a float64 copy ``(n,)``, finite,
+    non-negative, with a positive sum; a scalar weights every sample alike."""
+    if sample_weight is None:
+        return None
+    w = np.asarray(sample_weight, dtype=np.float64)
+    if w.ndim == 0:
+        w = np.full(n, float(w))
+    if w.shape != (n,):
+        raise ValueError(f"sample_weight must have shape ({n},) (one weight per sample), got {w.shape}")
+    if not np.all(np.isfinite(w)) or np.any(w < 0):
+        raise ValueError("sample_weight must be finite and non-negative")
+    if not w.sum() > 0:
+        raise ValueError("sample_weight is zero for every sample: at least one needs a positive weight")
+    return w
 
 
 def _choice(name: str, value, allowed: tuple) -> None:
@@ -132,7 +158,8 @@ class _BaseMixtureOfExperts(BaseEstimator):
         return out
 
     # ---- one EM run ---------------------------------------------------------------------------
-    def _initial_resp(self, X: np.ndarray, y: np.ndarray, n_leaves: int, rng) -> np.ndarray:
+    def _initial_resp(self, X: np.ndarray, y: np.ndarray, n_leaves: int, rng,
+                      weights: np.ndarray | None = None) -> np.ndarray:
         n = X.shape[0]
         if self.init == "random":
             R = rng.uniform(size=(n, n_leaves))
@@ -147,16 +174,20 @@ class _BaseMixtureOfExperts(BaseEstimator):
             new = np.empty_like(labels)
             for node in np.unique(labels):
                 rows = np.flatnonzero(labels == node)
-                new[rows] = node * b + _kmeans_labels(D[rows], b, rng)
+                new[rows] = node * b + _kmeans_labels(D[rows], b, rng,
+                                                      None if weights is None else weights[rows])
             labels = new
         R = np.zeros((n, n_leaves))
         R[np.arange(n), labels] = 1.0
         return R
 
-    def _m_step(self, block, gates, X, y, Z1, posts: list[np.ndarray], log_gates=None) -> np.ndarray:
+    def _m_step(self, block, gates, X, y, Z1, posts: list[np.ndarray], mass: float,
+                log_gates=None) -> np.ndarray:
+        """Refit experts and gates to ``posts`` (every level's posteriors times the sample weights,
+        whose total is ``mass``); returns the experts still alive."""
         n = X.shape[0]
         R = posts[-1]
-        alive = R.sum(axis=0) >= _DEAD_FRACTION * n
+        alive = R.sum(axis=0) >= _DEAD_FRACTION * mass
         block.m_step(X, y, R, alive)
         for l, W in enumerate(gates):
             m, _, b = W.shape
@@ -178,28 +209,38 @@ class _BaseMixtureOfExperts(BaseEstimator):
         gate_prior = sum(float(np.sum(W[:, :-1, :] ** 2)) for W in gates)
         return ll + block.log_prior() - 0.5 * self.gate_alpha * gate_prior
 
-    def _run_em(self, X, y, Z1, rng, var_floor):
+    def _run_em(self, X, y, Z1, rng, var_floor, weights: np.ndarray | None = None):
         branching = self._branching()
         sizes = level_sizes(branching)
         block = self._make_block(sizes[-1], var_floor, rng)
+        hard = block.unweighted() if hasattr(block, "unweighted") else []
+        if hard and weights is not None and np.ptp(weights) > 0:
+            raise ValueError(f"sample_weight needs experts whose fit accepts sample_weight; "
+                             f"{', '.join(hard)} does not (trained on the samples it wins, unweighted)")
         gates = [np.zeros((sizes[l], Z1.shape[1], b)) for l, b in enumerate(branching)]
-        R0 = self._initial_resp(X, y, sizes[-1], rng)
-        alive = self._m_step(block, gates, X, y, Z1, aggregate(R0, branching))
+        R0 = self._initial_resp(X, y, sizes[-1], rng, weights)
+        w = None if weights is None else weights[:, None]
+        mass = float(X.shape[0] if weights is None else weights.sum())
+
+        def total(log_lik_n1: np.ndarray) -> float:
+            return float(log_lik_n1.sum() if w is None else (w * log_lik_n1).sum())
+
+        alive = self._m_step(block, gates, X, y, Z1, aggregate(R0 if w is None else R0 * w, branching), mass)
         history, ll_history, converged, n_iter = [], [], False, 0
         for n_iter in range(1, self.max_iter + 1):
             log_gates = self._log_gates(gates, Z1)
             log_lik = upward(log_gates, block.log_density(X, y, train=True))
-            ll = float(log_lik[0].sum())
+            ll = total(log_lik[0])
             history.append(self._objective(block, gates, ll))
             ll_history.append(ll)
-            if n_iter > 1 and abs(history[-1] - history[-2]) < self.tol * X.shape[0]:
+            if n_iter > 1 and abs(history[-1] - history[-2]) < self.tol * mass:
                 converged = True
                 break
-            posts = [np.exp(lp) for lp in downward(log_gates, log_lik)]
-            alive = self._m_step(block, gates, X, y, Z1, posts, log_gates)
+            posts = [np.exp(lp) if w is None else np.exp(lp) * w for lp in downward(log_gates, log_lik)]
+            alive = self._m_step(block, gates, X, y, Z1, posts, mass, log_gates)
         if not converged:  # final E-step: the returned parameters get their own log-likelihood
             log_lik = upward(self._log_gates(gates, Z1), block.log_density(X, y, train=True))
-            ll = float(log_lik[0].sum())
+            ll = total(log_lik[0])
             history.append(self._objective(block, gates, ll))
             ll_history.append(ll)
         block.release()
@@ -207,29 +248,29 @@ class _BaseMixtureOfExperts(BaseEstimator):
                     history=history, ll_history=ll_history, alive=alive)
 
     # ---- fit ----------------------------------------------------------------------------------
-    def _fit_em(self, X: np.ndarray, y: np.ndarray):
-        """Fit on validated ``X`` ``(n, p)`` float and ``y`` ``(n,)`` (float, or class codes)."""
+    def _fit_em(self, X: np.ndarray, y: np.ndarray, sample_weight=None):
+        """Fit on validated ``X`` ``(n, p)`` float and ``y`` ``(n,)`` (float, or class codes), with
+        ``sample_weight`` ``(n,)`` or ``None``."""
         self._validate_common()
         n, p = X.shape
+        weights = _sample_weight(sample_weight, n)
         n_leaves = level_sizes(self._branching())[-1]
         if n < n_leaves:
             raise ValueError(f"fewer samples than experts: n_samples={n} < number of experts={n_leaves}")
         self.gate_columns_ = self._gate_columns(p)
-        Zg = X[:, self.gate_columns_]
-        self._gate_mean = Zg.mean(axis=0)
-        sd = Zg.std(axis=0)
+        self._gate_mean, sd = mean_std(X[:, self.gate_columns_], weights)
         self._gate_scale = np.where(sd > 0, sd, 1.0)
         self._fit_gate = self.gate  # predictions follow the fitted gate, whatever set_params does after
         Z1 = self._gate_design(X)
         var_floor = 0.0
         if self._kind() == "regression":
-            vy = float(np.var(y))
+            vy = float(mean_std(y[:, None], weights)[1][0] ** 2)
             var_floor = self.variance_floor * (vy if vy > 0 else 1.0)
         rng = check_random_state(self.random_state)
         best = None
         with self._blas_threads():
             for _ in range(self.n_init):
-                run = self._run_em(X, y, Z1, check_random_state(rng.randint(2**31 - 1)), var_floor)
+                run = self._run_em(X, y, Z1, check_random_state(rng.randint(2**31 - 1)), var_floor, weights)
                 if best is None or run["history"][-1] > best["history"][-1]:
                     best = run
         if not best["converged"]:
@@ -297,12 +338,13 @@ class _BaseMixtureOfExperts(BaseEstimator):
         log_gates = self._log_gates(self.gates_, self._gate_design(X))
         return log_gates, upward(log_gates, self.experts_.log_density(X, y))
 
-    def _ic(self, X, y, penalty_per_param: float) -> float:
+    def _ic(self, X, y, penalty_per_param: float, weights: np.ndarray | None) -> float:
         if self.n_parameters_ is None:
             raise ValueError("aic/bic need a parameter count, which is undefined for these experts "
                              f"({type(self.experts_.estimators_[0]).__name__}); use experts with coef_ or "
                              "tree_ (linear models, trees) or the built-in experts")
-        ll = float(self._log_likelihood_samples(X, y).sum())
+        ll_n = self._log_likelihood_samples(X, y)
+        ll = float(ll_n.sum() if weights is None else weights @ ll_n)
         return -2.0 * ll + penalty_per_param * self.n_parameters_
 
     def _check_X(self, X) -> np.ndarray:
@@ -334,11 +376,16 @@ class _BaseMixtureOfExperts(BaseEstimator):
         log_gates, log_lik = self._log_lik_parts(X, y)
         return np.exp(downward(log_gates, log_lik)[-1])
 
-    def aic(self, X, y) -> float:
-        """Akaike information criterion ``-2 log L + 2 n_parameters_`` on ``(X, y)`` (lower is better)."""
-        return self._ic(*self._check_Xy(X, y), 2.0)
-
-    def bic(self, X, y) -> float:
-        """Bayesian information criterion ``-2 log L + log(n) n_parameters_`` (lower is better)."""
+    def aic(self, X, y, sample_weight=None) -> float:
+        """Akaike information criterion ``-2 log L + 2 n_parameters_`` on ``(X, y)`` (lower is better);
+        with ``sample_weight`` ``log L`` is the weighted sum of the samples' log-likelihoods."""
         X, y = self._check_Xy(X, y)
-        return self._ic(X, y, float(np.log(X.shape[0])))
+        return self._ic(X, y, 2.0, _sample_weight(sample_weight, X.shape[0]))
+
+    def bic(self, X, y, sample_weight=None) -> float:
+        """Bayesian information criterion ``-2 log L + log(n) n_parameters_`` (lower is better); with
+        ``sample_weight``, ``log L`` is weighted and ``n`` is the total weight (as for repeated rows)."""
+        X, y = self._check_Xy(X, y)
+        weights = _sample_weight(sample_weight, X.shape[0])
+        n = X.shape[0] if weights is None else weights.sum()
+        return self._ic(X, y, float(np.log(n)), weights)

@@ -27,7 +27,7 @@ class _ClassificationPart:
                                  ridge=0.0, expert_alpha=self.expert_alpha, solver=self.gate_solver,
                                  max_iter=self.gate_max_iter, tol=self._inner_tol(), rng=rng)
 
-    def _fit_classification(self, X, y):
+    def _fit_classification(self, X, y, sample_weight=None):
         X, y = validate_data(self, X, y, dtype=np.float64, ensure_min_samples=2)
         check_classification_targets(y)
         self.classes_, codes = np.unique(y, return_inverse=True)
@@ -35,7 +35,7 @@ class _ClassificationPart:
             raise ValueError(f"y has only one class ({self.classes_[0]}); a classifier needs at "
                              "least 2 classes")
         self.n_classes_ = len(self.classes_)
-        return self._fit_em(X, codes.astype(np.intp))
+        return self._fit_em(X, codes.astype(np.intp), sample_weight)
 
     def _encode_y(self, y) -> np.ndarray:
         y = column_or_1d(np.asarray(y), warn=True)
@@ -96,10 +96,11 @@ class MixtureOfExpertsClassifier(_ClassificationPart, ClassifierMixin, _BaseMixt
         _number("n_experts", self.n_experts, low=1, integer=True)
         return (int(self.n_experts),)
 
-    def fit(self, X, y) -> MixtureOfExpertsClassifier:
-        """Fit on ``X`` ``(n_samples, n_features)`` and labels ``y`` ``(n_samples,)``; returns ``self``."""
+    def fit(self, X, y, sample_weight=None) -> MixtureOfExpertsClassifier:
+        """Fit on ``X`` ``(n_samples, n_features)`` and labels ``y`` ``(n_samples,)``, optionally
+        weighted by ``sample_weight`` ``(n_samples,)`` (as for the regressor); returns ``self``."""
         with self._fit_or_keep():
-            self._fit_classification(X, y)
+            self._fit_classification(X, y, sample_weight)
             self._set_flat_gate_attributes()
         return self
 

@@ -2,7 +2,8 @@
 
 An expert *block* holds all K experts of a mixture and answers the EM's questions in bulk:
 
-- ``m_step(X, y, R, alive)``: refit from responsibilities ``R`` ``(n, K)``; experts with
+- ``m_step(X, y, R, alive)``: refit from responsibilities ``R`` ``(n, K)`` times the sample weights
+  (row ``i`` sums to sample ``i``'s weight, 1 without weights); experts with
   ``alive[k] == False`` keep their parameters (the dead-expert policy, see ``base.py``);
 - ``log_density(X, y, train)``: ``(n, K)`` log p_k(y_i | x_i); ``train=True`` promises that ``X`` is
   the matrix last passed to ``m_step``, so cached design matrices or predictions may be reused;
@@ -22,6 +23,15 @@ import numpy as np
 from .softmax import fit_softmax, log_softmax_predict
 
 _LOG_2PI = float(np.log(2.0 * np.pi))
+
+
+def mean_std(A: np.ndarray, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Column means and standard deviations ``(p,)``, ``(p,)`` of ``A`` ``(n, p)``, each row weighted
+    by ``weights`` ``(n,)`` (``None``: all alike), so an integer weight counts a row that many times."""
+    if weights is None:
+        return A.mean(axis=0), A.std(axis=0)
+    mean = weights @ A / weights.sum()
+    return mean, np.sqrt(weights @ (A - mean) ** 2 / weights.sum())
 
 
 def _with_intercept(X: np.ndarray) -> np.ndarray:
@@ -58,10 +68,12 @@ class LinearGaussianExperts:
 
     def m_step(self, X: np.ndarray, y: np.ndarray, R: np.ndarray, alive: np.ndarray) -> None:
         n, K = R.shape
-        if not hasattr(self, "B_"):  # first M-step: the initial responsibilities
-            self.x_mean_ = X.mean(axis=0)
+        if not hasattr(self, "B_"):  # first M-step: the initial responsibilities (rows sum to the weights)
+            weights = R.sum(axis=1)
+            self.x_mean_ = mean_std(X, weights)[0]
             self.B_ = np.zeros((K, X.shape[1] + 1))
-            self.sigma2_ = np.full(K, max(float(np.var(y)), self.var_floor))
+            var_y = float(mean_std(y[:, None], weights)[1][0] ** 2)
+            self.sigma2_ = np.full(K, max(var_y, self.var_floor))
         X1 = self._design(X, train=True)
         p1 = X1.shape[1]
         Xw = (X1[:, None, :] * R[:, :, None]).reshape(n, K * p1)  # rows: r_ik * x_i, all k side by side
@@ -154,9 +166,8 @@ class LogisticExperts:
 
     def m_step(self, X: np.ndarray, y: np.ndarray, R: np.ndarray, alive: np.ndarray) -> None:
         K, C = self.n_experts, self.n_classes
-        if not hasattr(self, "W_"):  # first M-step: the initial responsibilities
-            self.x_mean_ = X.mean(axis=0)
-            sd = X.std(axis=0)
+        if not hasattr(self, "W_"):  # first M-step: the initial responsibilities (rows sum to the weights)
+            self.x_mean_, sd = mean_std(X, R.sum(axis=1))
             self.x_scale_ = np.where(sd > 0, sd, 1.0)
             self.W_ = np.zeros((K, X.shape[1] + 1, C))
         Z1 = self._design(X, train=True)

@@ -124,14 +124,16 @@ class HierarchicalMixtureOfExperts(_ClassificationPart, _RegressionPart, _BaseMi
         """Number of experts (leaves): ``prod(branching)``."""
         return level_sizes(self._branching())[-1]
 
-    def fit(self, X, y) -> HierarchicalMixtureOfExperts:
-        """Fit on ``X`` ``(n_samples, n_features)`` and ``y`` ``(n_samples,)``; returns ``self``."""
+    def fit(self, X, y, sample_weight=None) -> HierarchicalMixtureOfExperts:
+        """Fit on ``X`` ``(n_samples, n_features)`` and ``y`` ``(n_samples,)``, optionally weighted by
+        ``sample_weight`` ``(n_samples,)`` (non-negative; an integer weight counts a sample that many
+        times); returns ``self``."""
         with self._fit_or_keep():
             self._fit_task = None  # a refit follows the current task
             if self._kind() == "regression":
-                self._fit_regression(X, y)
+                self._fit_regression(X, y, sample_weight)
             else:
-                self._fit_classification(X, y)
+                self._fit_classification(X, y, sample_weight)
             self._fit_task = self.task
             units = [[self._gate_in_original_units(Wj) for Wj in W] for W in self.gates_]
             coefs, intercepts = zip(*[zip(*level) for level in units])

@@ -26,10 +26,10 @@ class _RegressionPart:
                                  var_floor=var_floor, ridge=self.ridge, expert_alpha=0.0,
                                  solver=self.gate_solver, max_iter=self.gate_max_iter, rng=rng)
 
-    def _fit_regression(self, X, y):
+    def _fit_regression(self, X, y, sample_weight=None):
         _number("variance_floor", self.variance_floor, low=0.0, strict=True)
         X, y = validate_data(self, X, y, y_numeric=True, dtype=np.float64, ensure_min_samples=2)
-        return self._fit_em(X, np.asarray(y, dtype=np.float64))
+        return self._fit_em(X, np.asarray(y, dtype=np.float64), sample_weight)
 
     def _encode_y(self, y) -> np.ndarray:
         y = column_or_1d(np.asarray(y, dtype=np.float64), warn=True)
@@ -110,10 +110,12 @@ class MixtureOfExpertsRegressor(_RegressionPart, RegressorMixin, _BaseMixtureOfE
         _number("n_experts", self.n_experts, low=1, integer=True)
         return (int(self.n_experts),)
 
-    def fit(self, X, y) -> MixtureOfExpertsRegressor:
-        """Fit on ``X`` ``(n_samples, n_features)`` and ``y`` ``(n_samples,)``; returns ``self``."""
+    def fit(self, X, y, sample_weight=None) -> MixtureOfExpertsRegressor:
+        """Fit on ``X`` ``(n_samples, n_features)`` and ``y`` ``(n_samples,)``, optionally weighted by
+        ``sample_weight`` ``(n_samples,)`` (non-negative; an integer weight counts a sample that many
+        times); returns ``self``."""
         with self._fit_or_keep():
-            self._fit_regression(X, y)
+            self._fit_regression(X, y, sample_weight)
             self._set_flat_gate_attributes()
         return self
 

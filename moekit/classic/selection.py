@@ -24,12 +24,13 @@ class ExpertSelection:
 
 
 def select_n_experts(estimator, X, y, n_experts: Iterable[int] = range(1, 6), *, n_init: int | None = 3,
-                     criterion: str = "bic") -> ExpertSelection:
+                     criterion: str = "bic", sample_weight=None) -> ExpertSelection:
     """Fit ``clone(estimator)`` for each number of experts in ``n_experts`` and keep the lowest BIC.
 
     ``estimator`` is a ``MixtureOfExpertsRegressor`` or ``MixtureOfExpertsClassifier`` (anything
     with an ``n_experts`` parameter and ``bic``/``aic`` methods); ``n_init`` overrides its restarts
-    (``None`` keeps the estimator's own). The criterion is computed on ``(X, y)``.
+    (``None`` keeps the estimator's own). The criterion is computed on ``(X, y)``; ``sample_weight``
+    ``(n_samples,)`` weights both the fits and the criterion.
     """
     if criterion not in ("bic", "aic"):
         raise ValueError(f"criterion must be 'bic' or 'aic', got {criterion!r}")
@@ -44,9 +45,9 @@ def select_n_experts(estimator, X, y, n_experts: Iterable[int] = range(1, 6), *,
         est = clone(estimator).set_params(n_experts=k)
         if n_init is not None:
             est.set_params(n_init=n_init)
-        est.fit(X, y)
+        est.fit(X, y, sample_weight=sample_weight)
         fitted[k] = est
-        scores[k] = float(getattr(est, criterion)(X, y))
+        scores[k] = float(getattr(est, criterion)(X, y, sample_weight=sample_weight))
     best = min(ks, key=lambda k: (scores[k], k))
     if not np.isfinite(scores[best]):
         raise ValueError(f"every candidate has a non-finite {criterion}: {scores}")

@@ -1,9 +1,11 @@
 """Any scikit-learn estimator as an expert, and the factory that turns ``experts=`` into a block.
 
 Soft EM: an estimator whose ``fit`` accepts ``sample_weight`` is refit on all samples with weights
-``R[:, k]``. Hard (classification) EM: one that does not is refit on the samples whose most
-responsible expert is ``k``. A regression expert's density is Gaussian around its prediction with a
-variance re-estimated from its weighted residuals; a classification expert's density is its
+``R[:, k]`` (responsibilities times the mixture's sample weights). Hard (classification) EM: one
+that does not is refit on the samples whose most responsible expert is ``k`` (and whose weight is
+not 0); such experts cannot weight samples, so a mixture with them refuses unequal sample
+weights. A regression expert's density is Gaussian around its prediction with a variance
+re-estimated from its weighted residuals; a classification expert's density is its
 ``predict_proba`` (smoothed by ``_EPS`` so that a 0/1 probability does not give ``log 0``).
 
 Safeguard: a refit is kept only if it does not lower the expert's weighted expected
@@ -82,6 +84,11 @@ class EstimatorExperts:
         self.soft_ = [has_fit_parameter(e, "sample_weight") for e in estimators]
         self._cache = None  # per-expert outputs on the training matrix
 
+    def unweighted(self) -> list[str]:
+        """Names of the experts whose ``fit`` takes no ``sample_weight`` (trained by hard EM)."""
+        return [f"experts[{k}] ({type(e).__name__})"
+                for k, (e, soft) in enumerate(zip(self.templates, self.soft_)) if not soft]
+
     # ---- per-expert outputs -------------------------------------------------------------------
     def _output(self, est, X: np.ndarray) -> np.ndarray:
         if self.kind == "regression":
@@ -103,7 +110,7 @@ class EstimatorExperts:
         if self.soft_[k]:
             enough = np.count_nonzero(weights > 0) >= 2
         else:
-            mask = R.argmax(axis=1) == k
+            mask = (R.argmax(axis=1) == k) & (weights > 0)  # (a sample of weight 0 has R[i] == 0)
             enough = mask.sum() >= 2 and (self.kind == "regression" or np.unique(y[mask]).size >= 2)
         if enough:
             try:

@@ -155,7 +155,7 @@ def test_em_m_step_freezes_an_expert_without_responsibility(gated_line_data):
     before = moe.experts_.B_.copy()
     R = np.zeros((len(y), 2))
     R[:, 0] = 1.0  # expert 1 lost every sample
-    alive = moe._m_step(moe.experts_, moe.gates_, X, y, moe._gate_design(X), aggregate(R, (2,)))
+    alive = moe._m_step(moe.experts_, moe.gates_, X, y, moe._gate_design(X), aggregate(R, (2,)), len(y))
     np.testing.assert_array_equal(alive, [True, False])
     np.testing.assert_array_equal(moe.experts_.B_[1], before[1])
     assert not np.array_equal(moe.experts_.B_[0], before[0])  # refit on all the data

@@ -37,12 +37,28 @@ NOT_APPLICABLE = {"check_array_api_input", "check_dataframe_column_names_consist
 _checks = parametrize_with_checks(ESTIMATORS)
 _params = [p for p in _checks.args[1] if getattr(p[1], "func", p[1]).__name__ not in NOT_APPLICABLE]
 
+# Checks that fail by design; each must keep failing (a pass means the entry is stale).
+# - Weights vs repeated rows: the check shuffles the weighted rows and stops EM after 10 iterations,
+#   and EM's k-means start depends on the row order, so the two fits start apart on its 15 samples
+#   of 30 features. test_sample_weight.py checks the equivalence from one start.
+# - A kNN expert (hard EM) cannot weight samples, so the mixture refuses unequal weights.
+EXPECTED_FAILURES = {
+    "check_sample_weight_equivalence_on_dense_data": lambda est: True,
+    "check_sample_weights_not_overwritten": lambda est: "KNeighbors" in repr(est),
+    "check_classifiers_one_label_sample_weights": lambda est: "KNeighbors" in repr(est),
+}
+
 
 @pytest.mark.parametrize(_checks.args[0], _params, **_checks.kwargs)
 def test_sklearn_estimator_checks(estimator, check):
+    name = getattr(check, "func", check).__name__
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         warnings.simplefilter("ignore", UserWarning)  # dead-expert notices on the checks' tiny data sets
+        if EXPECTED_FAILURES.get(name, lambda est: False)(estimator):
+            with pytest.raises((AssertionError, ValueError)):
+                check(estimator)
+            return
         try:
             check(estimator)
         except unittest.SkipTest as skip:
