@@ -120,6 +120,8 @@ class _BaseMixtureOfExperts(BaseEstimator):
         _number("n_init", self.n_init, low=1, integer=True)
         _number("max_iter", self.max_iter, low=1, integer=True)
         _number("tol", self.tol, low=0.0)
+        if self.blas_threads is not None:
+            _number("blas_threads", self.blas_threads, low=1, integer=True)
 
     def _gate_columns(self, n_features: int) -> np.ndarray:
         gf = self.gate_features
@@ -313,14 +315,15 @@ class _BaseMixtureOfExperts(BaseEstimator):
             raise
 
     def _blas_threads(self):
-        """Single-threaded BLAS for EM with the built-in experts.
+        """``blas_threads`` BLAS threads (default 1) for EM with the built-in experts.
 
         Its products are tall and skinny (n x tens of columns): BLAS threads gain little there, and
         on a busy machine they spin-wait for cores (measured 7x slower on the shared 2-core box, see
-        docs/benchmarks.md). With user estimators as experts the thread settings are left alone.
+        docs/benchmarks.md). ``blas_threads=None``, or user estimators as experts, leave the thread
+        settings alone.
         """
-        if isinstance(self._experts_spec(), str):
-            return _threadpools().limit(limits=1, user_api="blas")
+        if isinstance(self._experts_spec(), str) and self.blas_threads is not None:
+            return _threadpools().limit(limits=int(self.blas_threads), user_api="blas")
         return contextlib.nullcontext()
 
     def _count_parameters(self) -> int | None:

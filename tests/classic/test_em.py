@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.tree import DecisionTreeRegressor
+from threadpoolctl import threadpool_info, threadpool_limits
 
 from moekit.classic import (
     HierarchicalMixtureOfExperts,
@@ -185,3 +186,22 @@ def test_hme_with_estimator_experts_and_constant_gate(gated_line_data):
     g = flat_mix.predict_gate(X)
     np.testing.assert_allclose(g, np.tile(g[0], (len(y), 1)))  # mixing weights do not depend on x
     assert not hasattr(hme, "predict_proba")  # a regression HME has no probabilities
+
+
+@pytest.mark.filterwarnings("ignore:EM did not converge")
+@pytest.mark.parametrize("blas_threads, expected", [(1, 1), (2, 2), (None, 3)])
+def test_blas_threads_during_em_with_built_in_experts(monkeypatch, gated_line_data, blas_threads, expected):
+    seen = []
+    m_step = LinearGaussianExperts.m_step
+
+    def recording(self, *args):
+        seen.append({lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"})
+        return m_step(self, *args)
+
+    monkeypatch.setattr(LinearGaussianExperts, "m_step", recording)
+    X, y = gated_line_data
+    with threadpool_limits(limits=3, user_api="blas"):  # the caller's own setting
+        MixtureOfExpertsRegressor(2, random_state=0, max_iter=3, blas_threads=blas_threads).fit(X, y)
+        after = {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
+    assert seen and all(s == {expected} for s in seen)
+    assert after == {3}  # restored after the fit

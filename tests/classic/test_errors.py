@@ -73,6 +73,8 @@ def test_expert_list_length_must_match_n_experts():
         (dict(variance_floor=0.0), "variance_floor must be > 0"),
         (dict(tol=-1e-3), "tol must be >= 0"),
         (dict(max_iter=0), "max_iter must be >= 1"),
+        (dict(blas_threads=0), "blas_threads must be >= 1"),
+        (dict(blas_threads="all"), "blas_threads must be an integer"),
         (dict(experts="logistic"), "experts='logistic' is not allowed for regression"),
         (dict(gate_features=[3]), "gate_features indices must lie in"),
         (dict(gate_features=[]), "selects no column"),
