@@ -9,7 +9,10 @@ The measurements behind ``moekit.kernels.cpu``'s choices, on this machine, one t
    call) and cold (cycling through 64 MB of weights): microseconds of torch (MKL), oneDNN, and one
    OpenBLAS (numpy) matrix-vector product per row;
 3. the LM head + cross-entropy of one training step (2048 tokens, D=256, V=4096) with both
-   gradients: ``F.cross_entropy`` on materialised logits vs ``moekit.models.loss.linear_cross_entropy``.
+   gradients: ``F.cross_entropy`` on materialised logits vs ``moekit.models.loss.linear_cross_entropy``;
+4. the weight's memory layout for torch's (MKL) forward product, hot and cold as in 2: ``x @ w.T``
+   with ``w`` stored ``(O, I)`` (``nn.Linear``'s, and the experts' in moekit and transformers)
+   against the same product with the weight stored ``(I, O)`` (``x @ w_t``), at the experts' sizes.
 
     .venv/bin/python bench/cpu_matmul.py [--threads 1]
 """
@@ -114,6 +117,19 @@ def main() -> None:
     t_plain, t_fused = best_seconds(plain, 5), best_seconds(fused, 5)
     print(f"F.cross_entropy on logits {t_plain * 1e3:.1f} | linear_cross_entropy {t_fused * 1e3:.1f} | "
           f"ratio {t_plain / t_fused:.2f}")
+
+    print("\n4. torch (MKL) forward by weight layout, us per call: x @ w.T, w (O, I) vs x @ w_t, w_t (I, O)")
+    print("| O x I | M | (O, I) hot | (I, O) hot | ratio hot | (O, I) cold | (I, O) cold | ratio cold |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for o, i in [(1024, 256), (256, 512)]:
+        weights = [torch.randn(o, i) for _ in range(max(1, (64 << 20) // (4 * o * i)))]
+        transposed = [w.T.contiguous() for w in weights]
+        for m in (1, 4, 8, 16, 24, 32, 48, 64, 256):
+            x = torch.randn(m, i)
+            t = [time_product(fn, x, ws, cold) * 1e6 for cold in (False, True)
+                 for fn, ws in ((mkl, weights), (torch.mm, transposed))]
+            print(f"| {o} x {i} | {m} | {t[0]:.1f} | {t[1]:.1f} | {t[0] / t[1]:.2f} | {t[2]:.1f} "
+                  f"| {t[3]:.1f} | {t[2] / t[3]:.2f} |")
 
 
 if __name__ == "__main__":
