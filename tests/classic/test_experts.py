@@ -69,6 +69,34 @@ def test_logistic_experts_match_sklearn_weighted_logistic_regression():
         np.testing.assert_allclose(block.predict_proba(X)[:, k], ref.predict_proba(Z), atol=1e-6)
 
 
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(8, 60), experts=st.integers(1, 3), ridge=st.sampled_from([0.0, 2.0]),
+       variance=st.sampled_from(["per_expert", "shared"]), seed=st.integers(0, 2**16))
+def test_expert_m_steps_treat_an_integer_weight_as_repeated_rows(n, experts, ridge, variance, seed):
+    # R times the sample weights (what EM hands the blocks) vs the rows repeated: the same fit.
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n, 2)) + 3.0
+    y = X @ np.array([1.0, -0.5]) + rng.standard_normal(n)
+    labels = rng.integers(0, 3, n)
+    R = rng.dirichlet(np.ones(experts), size=n)
+    w = rng.integers(0, 4, n)
+    w[0] = 1  # some weight
+    alive = np.ones(experts, dtype=bool)
+    rep = lambda a: np.repeat(a, w, axis=0)  # noqa: E731
+    lin_w = LinearGaussianExperts(experts, ridge=ridge, variance=variance, var_floor=1e-9)
+    lin_r = LinearGaussianExperts(experts, ridge=ridge, variance=variance, var_floor=1e-9)
+    lin_w.m_step(X, y, R * w[:, None], alive)
+    lin_r.m_step(rep(X), rep(y), rep(R), alive)
+    np.testing.assert_allclose(lin_w.coef_, lin_r.coef_, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(lin_w.intercept_, lin_r.intercept_, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(lin_w.sigma2_, lin_r.sigma2_, rtol=1e-8)
+    log_w = LogisticExperts(experts, 3, alpha=0.5, solver="newton", max_iter=30, tol=1e-12)
+    log_r = LogisticExperts(experts, 3, alpha=0.5, solver="newton", max_iter=30, tol=1e-12)
+    log_w.m_step(X, labels, R * w[:, None], alive)
+    log_r.m_step(rep(X), rep(labels), rep(R), alive)
+    np.testing.assert_allclose(log_w.predict_proba(X), log_r.predict_proba(X), atol=1e-8)
+
+
 def _softmax_problem(n=300, d=3, C=4, seed=0):
     rng = np.random.default_rng(seed)
     Z1 = np.hstack([rng.standard_normal((n, d)), np.ones((n, 1))])
