@@ -13,7 +13,7 @@ log-likelihood under the current responsibilities; otherwise the previous fit st
 learner need not maximise that quantity (a tree, an SVR), and the safeguard is what keeps the EM
 log-likelihood from decreasing with such experts. An expert whose share of the data cannot be fit
 (no weight at all, or too few samples for e.g. a k-nearest-neighbours expert) keeps its previous
-fit; before it has one, it is fit on all samples.
+fit; before it has one, it is fit on all samples (with the mixture's sample weights, if any).
 
 Seeds: every ``random_state`` parameter of an expert (nested ones included) left at ``None`` is set
 from the mixture's ``random_state``, one seed per expert, so a seeded mixture of random forests or
@@ -123,7 +123,13 @@ class EstimatorExperts:
                 pass
         if self.estimators_[k] is not None:
             return None  # keep the previous fit
-        est.fit(X, y)  # never fitted and nothing of its own that fits: all samples, equal weights
+        # Never fitted and nothing of its own that fits: all samples, weighted by the mixture's
+        # sample weights (R's row sums) where those differ and the expert can take them.
+        sample_weights = R.sum(axis=1)
+        if self.soft_[k] and not np.allclose(sample_weights, sample_weights[0], rtol=1e-12, atol=0):
+            est.fit(X, y, sample_weight=sample_weights)
+        else:
+            est.fit(X, y)
         return est, self._output(est, X)
 
     # ---- the block protocol -------------------------------------------------------------------

@@ -130,3 +130,17 @@ def test_information_criteria_and_selection_count_weighted_samples():
     rep = select_n_experts(MixtureOfExpertsRegressor(**TIGHT), Xr, yr, range(1, 4))
     assert sel.best_n_experts == rep.best_n_experts == 2
     np.testing.assert_allclose(list(sel.criterion.values()), list(rep.criterion.values()), rtol=1e-5)
+
+
+def test_an_expert_without_a_share_starts_from_the_sample_weighted_fit():
+    from moekit.classic.wrapped import EstimatorExperts
+
+    X, y = _problem("regression")
+    w = np.random.default_rng(3).integers(0, 4, len(y)).astype(float)
+    R = np.zeros((len(y), 2))
+    R[:, 0] = w  # expert 1 has no share of its own: it falls back to all samples
+    block = EstimatorExperts([LinearRegression(), LinearRegression()], "regression")
+    block.m_step(X, y, R, np.ones(2, dtype=bool))
+    expect = LinearRegression().fit(X, y, sample_weight=w)
+    np.testing.assert_allclose(block.estimators_[1].coef_, expect.coef_, rtol=1e-10)
+    np.testing.assert_allclose(block.estimators_[0].coef_, expect.coef_, rtol=1e-10)
