@@ -13,6 +13,7 @@ from moekit.classic import (
     MixtureOfExpertsRegressor,
     select_n_experts,
 )
+from moekit.classic.wrapped import EstimatorExperts
 
 TIGHT = dict(random_state=0, tol=1e-10, max_iter=400)
 
@@ -133,8 +134,6 @@ def test_information_criteria_and_selection_count_weighted_samples():
 
 
 def test_an_expert_without_a_share_starts_from_the_sample_weighted_fit():
-    from moekit.classic.wrapped import EstimatorExperts
-
     X, y = _problem("regression")
     w = np.random.default_rng(3).integers(0, 4, len(y)).astype(float)
     R = np.zeros((len(y), 2))
