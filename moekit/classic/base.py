@@ -30,6 +30,7 @@ responsibility grows back. Experts still frozen at the end are flagged in ``dead
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import numbers
 import warnings
@@ -120,6 +121,8 @@ class _BaseMixtureOfExperts(BaseEstimator):
         _number("n_init", self.n_init, low=1, integer=True)
         _number("max_iter", self.max_iter, low=1, integer=True)
         _number("tol", self.tol, low=0.0)
+        if not isinstance(self.warm_start, (bool, np.bool_)):
+            raise TypeError(f"warm_start must be True or False, got {self.warm_start!r}")
         if self.blas_threads is not None:
             _number("blas_threads", self.blas_threads, low=1, integer=True)
 
@@ -211,7 +214,9 @@ class _BaseMixtureOfExperts(BaseEstimator):
         gate_prior = sum(float(np.sum(W[:, :-1, :] ** 2)) for W in gates)
         return ll + block.log_prior() - 0.5 * self.gate_alpha * gate_prior
 
-    def _run_em(self, X, y, Z1, rng, var_floor, weights: np.ndarray | None = None):
+    def _run_em(self, X, y, Z1, rng, var_floor, weights: np.ndarray | None = None, warm: dict | None = None):
+        """One EM run from a fresh start, or (``warm``: the previous fit's attributes) from the
+        previous fit's experts and gates."""
         branching = self._branching()
         sizes = level_sizes(branching)
         block = self._make_block(sizes[-1], var_floor, rng)
@@ -219,15 +224,24 @@ class _BaseMixtureOfExperts(BaseEstimator):
         if hard and weights is not None and np.ptp(weights) > 0:
             raise ValueError(f"sample_weight needs experts whose fit accepts sample_weight; "
                              f"{', '.join(hard)} does not (trained on the samples it wins, unweighted)")
-        gates = [np.zeros((sizes[l], Z1.shape[1], b)) for l, b in enumerate(branching)]
-        R0 = self._initial_resp(X, y, sizes[-1], rng, weights)
         w = None if weights is None else weights[:, None]
         mass = float(X.shape[0] if weights is None else weights.sum())
 
         def total(log_lik_n1: np.ndarray) -> float:
             return float(log_lik_n1.sum() if w is None else (w * log_lik_n1).sum())
 
-        alive = self._m_step(block, gates, X, y, Z1, aggregate(R0 if w is None else R0 * w, branching), mass)
+        if warm is not None:
+            # The fitted state (names ending in _: parameters, an estimator block's seeded
+            # templates) into a block of today's settings.
+            fitted = {k: v for k, v in vars(warm["experts_"]).items() if k.endswith("_")}
+            vars(block).update(copy.deepcopy(fitted))
+            gates = [W.copy() for W in warm["gates_"]]
+            alive = ~warm["dead_experts_"]
+        else:
+            gates = [np.zeros((sizes[l], Z1.shape[1], b)) for l, b in enumerate(branching)]
+            R0 = self._initial_resp(X, y, sizes[-1], rng, weights)
+            alive = self._m_step(block, gates, X, y, Z1, aggregate(R0 if w is None else R0 * w, branching),
+                                 mass)
         history, ll_history, converged, n_iter = [], [], False, 0
         for n_iter in range(1, self.max_iter + 1):
             log_gates = self._log_gates(gates, Z1)
@@ -259,10 +273,15 @@ class _BaseMixtureOfExperts(BaseEstimator):
         n_leaves = level_sizes(self._branching())[-1]
         if n < n_leaves:
             raise ValueError(f"fewer samples than experts: n_samples={n} < number of experts={n_leaves}")
+        warm = self._warm_state(p)
         self.gate_columns_ = self._gate_columns(p)
-        self._gate_mean, sd = mean_std(X[:, self.gate_columns_], weights)
-        self._gate_scale = np.where(sd > 0, sd, 1.0)
+        if warm is not None:  # the gates are in the previous fit's standardised units
+            self._gate_mean, self._gate_scale = warm["_gate_mean"], warm["_gate_scale"]
+        else:
+            self._gate_mean, sd = mean_std(X[:, self.gate_columns_], weights)
+            self._gate_scale = np.where(sd > 0, sd, 1.0)
         self._fit_gate = self.gate  # predictions follow the fitted gate, whatever set_params does after
+        self._fit_experts = self.experts  # (for warm_start: the experts it may continue)
         Z1 = self._gate_design(X)
         var_floor = 0.0
         if self._kind() == "regression":
@@ -271,8 +290,9 @@ class _BaseMixtureOfExperts(BaseEstimator):
         rng = check_random_state(self.random_state)
         best = None
         with self._blas_threads():
-            for _ in range(self.n_init):
-                run = self._run_em(X, y, Z1, check_random_state(rng.randint(2**31 - 1)), var_floor, weights)
+            for _ in range(1 if warm is not None else self.n_init):
+                run = self._run_em(X, y, Z1, check_random_state(rng.randint(2**31 - 1)), var_floor, weights,
+                                   warm)
                 if best is None or run["history"][-1] > best["history"][-1]:
                     best = run
         if not best["converged"]:
@@ -305,14 +325,47 @@ class _BaseMixtureOfExperts(BaseEstimator):
     @contextlib.contextmanager
     def _fit_or_keep(self):
         """Run a fit; if it raises (bad input, Ctrl-C), the estimator is left as it was before the call,
-        so a model fitted earlier stays usable."""
+        so a model fitted earlier stays usable. The state before the call is the one ``warm_start``
+        continues from."""
         saved = dict(self.__dict__)
+        self._before_fit = saved
         try:
             yield
         except BaseException:
             self.__dict__.clear()
             self.__dict__.update(saved)
             raise
+        finally:
+            self.__dict__.pop("_before_fit", None)
+
+    def _warm_state(self, n_features: int) -> dict | None:
+        """With ``warm_start`` and an earlier fit: that fit's attributes, after checking that it can
+        be continued on this data and these settings (else ``ValueError``); otherwise ``None``."""
+        before = getattr(self, "_before_fit", {})
+        if not self.warm_start or "experts_" not in before:
+            return None
+        changed = []
+        if before["n_features_in_"] != n_features:
+            changed.append(f"n_features {before['n_features_in_']} -> {n_features}")
+        branching = self._branching()
+        tree = [(size, b) for size, b in zip(level_sizes(branching), branching)]
+        if [(W.shape[0], W.shape[2]) for W in before["gates_"]] != tree:
+            changed.append("the number of experts or the tree")
+        if not np.array_equal(before["gate_columns_"], self._gate_columns(n_features)):
+            changed.append("gate_features")
+        if before["_fit_gate"] != self.gate:
+            changed.append("gate")
+        if before.get("_fit_task", self._kind()) not in (None, self._kind()):
+            changed.append("task")
+        if before["_fit_experts"] is not self.experts and before["_fit_experts"] != self.experts:
+            changed.append("experts")
+        if "classes_" in before and self._kind() == "classification" and not np.array_equal(
+                before["classes_"], self.classes_):
+            changed.append("the classes of y")
+        if changed:
+            raise ValueError(f"warm_start=True cannot continue the previous fit: {', '.join(changed)} "
+                             "changed; set warm_start=False to fit from a fresh start")
+        return before
 
     def _blas_threads(self):
         """``blas_threads`` BLAS threads (default 1) for EM with the built-in experts.

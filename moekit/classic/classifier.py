@@ -76,7 +76,8 @@ class MixtureOfExpertsClassifier(_ClassificationPart, ClassifierMixin, _BaseMixt
     def __init__(self, n_experts: int = 2, *, experts="logistic", gate: str = "softmax", gate_features=None,
                  gate_alpha: float = 0.01, gate_solver: str = "newton", gate_max_iter: int = 3,
                  expert_alpha: float = 0.01, combine: str = "mean", init: str = "kmeans", n_init: int = 1,
-                 max_iter: int = 200, tol: float = 1e-5, random_state=None, blas_threads: int | None = 1):
+                 max_iter: int = 200, tol: float = 1e-5, random_state=None, warm_start: bool = False,
+                 blas_threads: int | None = 1):
         self.n_experts = n_experts
         self.experts = experts
         self.gate = gate
@@ -91,6 +92,7 @@ class MixtureOfExpertsClassifier(_ClassificationPart, ClassifierMixin, _BaseMixt
         self.max_iter = max_iter
         self.tol = tol
         self.random_state = random_state
+        self.warm_start = warm_start
         self.blas_threads = blas_threads
 
     def _branching(self) -> tuple[int, ...]:

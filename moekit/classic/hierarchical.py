@@ -54,7 +54,8 @@ class HierarchicalMixtureOfExperts(_ClassificationPart, _RegressionPart, _BaseMi
                  gate_max_iter: int = 3, variance: str = "per_expert", ridge: float = 0.0,
                  variance_floor: float = 1e-6, expert_alpha: float = 0.01, combine: str = "mean",
                  init: str = "kmeans", n_init: int = 1, max_iter: int = 200, tol: float = 1e-5,
-                 random_state=None, blas_threads: int | None = 1):
+                 random_state=None, warm_start: bool = False,
+                 blas_threads: int | None = 1):
         self.branching = branching
         self.task = task
         self.experts = experts
@@ -73,6 +74,7 @@ class HierarchicalMixtureOfExperts(_ClassificationPart, _RegressionPart, _BaseMi
         self.max_iter = max_iter
         self.tol = tol
         self.random_state = random_state
+        self.warm_start = warm_start
         self.blas_threads = blas_threads
 
     def __sklearn_tags__(self):

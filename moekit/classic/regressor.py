@@ -73,6 +73,10 @@ class MixtureOfExpertsRegressor(_RegressionPart, RegressorMixin, _BaseMixtureOfE
     init : ``"kmeans"`` (k-means on standardised ``[X, y]``) or ``"random"`` responsibilities.
     n_init, max_iter, tol, random_state : EM restarts, iteration cap, convergence threshold on the
         gain of the penalised log-likelihood per sample, seed.
+    warm_start : if True, ``fit`` continues EM from the previous fit's experts and gates (one run,
+        ``n_init`` unused) instead of a fresh start, e.g. after a ``ConvergenceWarning``; the data
+        must have the same features (and classes), and the experts, the tree, ``gate`` and
+        ``gate_features`` must be unchanged (else ``ValueError``). Other settings apply from then on.
     blas_threads : numpy BLAS threads during a fit with the built-in experts (default 1: their
         tall-skinny products gain little from threads, and on a busy machine extra threads
         spin-wait); ``None`` leaves the process's settings alone (e.g. a large fit on an idle
@@ -92,7 +96,8 @@ class MixtureOfExpertsRegressor(_RegressionPart, RegressorMixin, _BaseMixtureOfE
                  gate_alpha: float = 0.01, gate_solver: str = "newton", gate_max_iter: int = 3,
                  variance: str = "per_expert", ridge: float = 0.0, variance_floor: float = 1e-6,
                  combine: str = "mean", init: str = "kmeans", n_init: int = 1, max_iter: int = 200,
-                 tol: float = 1e-5, random_state=None, blas_threads: int | None = 1):
+                 tol: float = 1e-5, random_state=None, warm_start: bool = False,
+                 blas_threads: int | None = 1):
         self.n_experts = n_experts
         self.experts = experts
         self.gate = gate
@@ -109,6 +114,7 @@ class MixtureOfExpertsRegressor(_RegressionPart, RegressorMixin, _BaseMixtureOfE
         self.max_iter = max_iter
         self.tol = tol
         self.random_state = random_state
+        self.warm_start = warm_start
         self.blas_threads = blas_threads
 
     def _branching(self) -> tuple[int, ...]:

@@ -74,7 +74,7 @@ class EstimatorExperts:
 
     def __init__(self, estimators: list, kind: str, *, n_classes: int = 0, variance: str = "per_expert",
                  var_floor: float = 0.0):
-        self.templates = estimators
+        self.templates_ = estimators
         self.n_experts = len(estimators)
         self.kind = kind
         self.n_classes = n_classes
@@ -87,7 +87,7 @@ class EstimatorExperts:
     def unweighted(self) -> list[str]:
         """Names of the experts whose ``fit`` takes no ``sample_weight`` (trained by hard EM)."""
         return [f"experts[{k}] ({type(e).__name__})"
-                for k, (e, soft) in enumerate(zip(self.templates, self.soft_)) if not soft]
+                for k, (e, soft) in enumerate(zip(self.templates_, self.soft_)) if not soft]
 
     # ---- per-expert outputs -------------------------------------------------------------------
     def _output(self, est, X: np.ndarray) -> np.ndarray:
@@ -105,7 +105,7 @@ class EstimatorExperts:
 
     def _fit_one(self, k: int, X: np.ndarray, y: np.ndarray, R: np.ndarray):
         """A refit of expert ``k`` and its outputs on ``X``, or ``None`` to keep the previous fit."""
-        est = clone(self.templates[k])
+        est = clone(self.templates_[k])
         weights = np.ascontiguousarray(R[:, k])
         if self.soft_[k]:
             enough = np.count_nonzero(weights > 0) >= 2
@@ -135,9 +135,10 @@ class EstimatorExperts:
     # ---- the block protocol -------------------------------------------------------------------
     def m_step(self, X: np.ndarray, y: np.ndarray, R: np.ndarray, alive: np.ndarray) -> None:
         n, K = R.shape
-        if self._cache is None:
+        if self._cache is None:  # the current experts' outputs (a warm start has them all), else zeros
             shape = (n, K) if self.kind == "regression" else (n, K, self.n_classes)
-            self._cache = np.zeros(shape)
+            done = all(e is not None for e in self.estimators_)
+            self._cache = self.predict(X) if done else np.zeros(shape)
         for k in range(K):
             if not alive[k] and self.estimators_[k] is not None:
                 continue

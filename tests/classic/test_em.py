@@ -6,6 +6,7 @@ import warnings
 
 import numpy as np
 import pytest
+from sklearn.ensemble import RandomForestRegressor
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.tree import DecisionTreeRegressor
 from threadpoolctl import threadpool_info, threadpool_limits
@@ -205,3 +206,53 @@ def test_blas_threads_during_em_with_built_in_experts(monkeypatch, gated_line_da
         after = {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
     assert seen and all(s == {expected} for s in seen)
     assert after == {3}  # restored after the fit
+
+
+@pytest.mark.filterwarnings("ignore:EM did not converge")
+@pytest.mark.parametrize("make", [
+    lambda **kw: MixtureOfExpertsRegressor(2, random_state=0, tol=1e-9, **kw),
+    lambda **kw: HierarchicalMixtureOfExperts((2, 2), task="classification", random_state=0, tol=1e-9, **kw),
+    # Forests seeded from a RandomState the first fit has drawn from: the warm run keeps their seeds.
+    lambda **kw: MixtureOfExpertsRegressor(2, experts=RandomForestRegressor(n_estimators=3, max_depth=2),
+                                           random_state=np.random.RandomState(0), tol=1e-9, **kw),
+])
+def test_warm_start_continues_the_em_run_where_it_stopped(gated_line_data, make):
+    X, y = gated_line_data
+    if "classification" in repr(make()):
+        y = (y > 0).astype(int)
+    full = make(max_iter=60).fit(X, y)
+    part = make(max_iter=4).fit(X, y)
+    part.set_params(warm_start=True, max_iter=56)
+    part.fit(X, y)
+    # The continued run's first E-step sees the parameters the 4-iteration fit returned, which is
+    # the full run's 5th E-step; from there both take the same steps.
+    n = len(part.objective_history_)
+    np.testing.assert_allclose(part.objective_history_, full.objective_history_[4:4 + n], rtol=1e-10)
+    np.testing.assert_allclose(part.log_likelihood_, full.log_likelihood_, rtol=1e-10)
+
+
+def test_warm_start_refuses_a_changed_problem_and_keeps_the_fit(gated_line_data):
+    X, y = gated_line_data
+    model = MixtureOfExpertsRegressor(2, random_state=0, warm_start=True).fit(X, y)
+    before = model.predict(X)
+    for change, data in [({}, (np.hstack([X, X]), y)), ({"n_experts": 3}, (X, y)),
+                         ({"gate": "constant"}, (X, y)), ({"experts": DecisionTreeRegressor()}, (X, y))]:
+        model.set_params(**change)
+        with pytest.raises(ValueError, match="warm_start=True cannot continue the previous fit"):
+            model.fit(*data)
+        np.testing.assert_array_equal(model.predict(X), before)
+        model.set_params(n_experts=2, gate="softmax", experts="linear")
+    model.set_params(warm_start=False, n_experts=3).fit(X, y)  # a fresh start takes any change
+    assert model.predict_gate(X).shape == (len(y), 3)
+
+
+def test_warm_start_with_new_data_of_the_same_shape(make_two_lines):
+    X, y = make_two_lines(gated=True, seed=0)
+    X2, y2 = make_two_lines(gated=True, seed=1)
+    model = MixtureOfExpertsRegressor(2, random_state=0).fit(X, y)
+    warm = MixtureOfExpertsRegressor(2, random_state=0).fit(X, y).set_params(warm_start=True).fit(X2, y2)
+    cold = MixtureOfExpertsRegressor(2, random_state=0).fit(X2, y2)
+    assert warm.converged_ and warm.n_iter_ <= cold.n_iter_  # it starts next to the answer
+    np.testing.assert_allclose(np.sort(warm.experts_.coef_.ravel()), np.sort(cold.experts_.coef_.ravel()),
+                               atol=1e-3)
+    assert not np.allclose(model.experts_.coef_, warm.experts_.coef_)
