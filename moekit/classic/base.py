@@ -357,7 +357,8 @@ class _BaseMixtureOfExperts(BaseEstimator):
             changed.append("gate")
         if before.get("_fit_task", self._kind()) not in (None, self._kind()):
             changed.append("task")
-        if before["_fit_experts"] is not self.experts and before["_fit_experts"] != self.experts:
+        experts = before.get("_fit_experts", self.experts)  # (absent in a model fitted before warm_start)
+        if experts is not self.experts and experts != self.experts:
             changed.append("experts")
         if "classes_" in before and self._kind() == "classification" and not np.array_equal(
                 before["classes_"], self.classes_):
