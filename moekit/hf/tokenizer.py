@@ -197,24 +197,42 @@ class HFTokenizer:
             raise TypeError("tools must be JSON-schema dicts ({'type': 'function', 'function': {...}}), "
                             "not Python functions")
         template = compile_chat_template(self.get_chat_template(chat_template, tools))
+        messages = _clean_messages(list(messages))
+        if continue_final_message:  # mark where the final message ends, render, cut there
+            messages[-1] = _with_end_marker(messages[-1])
         text = template.render(
-            messages=_clean_messages(list(messages)),
+            messages=messages,
             tools=tools,
             documents=documents,
             add_generation_prompt=add_generation_prompt,
             **{**self.special_tokens, **kwargs},
         )
         if continue_final_message:
-            final = messages[-1].get("content")
-            if isinstance(final, (list, tuple)):  # multimodal parts: the last text part
-                texts = [p["text"] for p in final if isinstance(p, dict) and "text" in p]
-                final = texts[-1] if texts else None
-            final = (final or "").strip()
-            if not final or final not in text:
+            at = text.rfind(_END_MARKER.strip())
+            if at < 0:
                 raise ValueError("continue_final_message: the final message does not appear in the rendered "
                                  "chat (the template changes it)")
-            text = text[: text.rindex(final) + len(final)]
+            # The marker's trailing space survives unless the template strips the message: then
+            # the message's own trailing whitespace is gone too.
+            kept = text[at : at + len(_END_MARKER)] == _END_MARKER
+            text = text[:at] if kept else text[:at].rstrip()
         return self.encode(text, add_special_tokens=False) if tokenize else text
+
+
+_END_MARKER = "MOEKIT_END_OF_FINAL_MESSAGE "
+
+
+def _with_end_marker(message: dict) -> dict:
+    """``message`` with ``_END_MARKER`` after its content (the last text part of a list content)."""
+    content = message.get("content")
+    if isinstance(content, (list, tuple)):
+        parts = list(content)
+        last = max((i for i, p in enumerate(parts) if isinstance(p, dict) and "text" in p), default=None)
+        if last is None:
+            raise ValueError("continue_final_message: the final message has no text to continue")
+        parts[last] = {**parts[last], "text": parts[last]["text"] + _END_MARKER}
+        return {**message, "content": parts}
+    return {**message, "content": (content or "") + _END_MARKER}
 
 
 def _add_missing_tokens(tokenizer: Tokenizer, added: dict[str, Any]) -> None:

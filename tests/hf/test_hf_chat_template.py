@@ -106,6 +106,18 @@ def test_continue_final_message_like_transformers_and_tool_functions_refused(sav
         tok.apply_chat_template(messages[:1], tools=[len])
 
 
+@pytest.mark.parametrize("name", ["chatml", "mixtral"])
+@pytest.mark.parametrize("final", ["<", "end", "Hello ", "", " spaced  ", "im_start"])
+def test_continue_final_message_cuts_where_the_message_ends(saved, name, final):
+    # Text that also occurs in what the template writes after the message (the end-of-turn token),
+    # trailing spaces, an empty prefill; the mixtral template strips the content.
+    hf_tok, path = saved[name]
+    tok = load_tokenizer(path)
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": final}]
+    expected = hf_tok.apply_chat_template(messages, continue_final_message=True, tokenize=False)
+    assert tok.apply_chat_template(messages, continue_final_message=True) == expected
+
+
 def test_none_values_reasoning_and_loop_controls_like_transformers(saved):
     hf_tok, path = saved["tools"]
     tok = load_tokenizer(path)
