@@ -87,7 +87,9 @@ def make_generators(
 
 def sample(logits: Tensor, config: SamplingConfig, generators: list[torch.Generator] | None) -> Tensor:
     """Next tokens ``(B,)`` int64 from ``logits (B, V)``."""
-    if config.greedy:
+    # A temperature below float32's smallest normal number would round to 0 (0/0 = nan) in the
+    # division below; in that limit sampling is greedy anyway.
+    if config.greedy or config.temperature < torch.finfo(torch.float32).tiny:
         return logits.argmax(dim=-1)
     logits = logits.float()
     # Shift by the row maximum before dividing: a tiny temperature then drives the others to -inf

@@ -48,7 +48,7 @@ def test_greedy_is_argmax():
 
 def test_a_tiny_temperature_is_greedy_not_nan():
     logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0)) * 30
-    for temperature in (1e-40, 1e-20, 1e-6):
+    for temperature in (5e-324, 1e-46, 1e-40, 1e-20, 1e-6):  # below float32's range too
         cfg = SamplingConfig(temperature=temperature, seed=0)
         token = sample(logits, cfg, make_generators(cfg, 4, torch.device("cpu")))
         assert torch.equal(token, logits.argmax(-1)), temperature
