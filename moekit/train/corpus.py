@@ -65,7 +65,8 @@ def default_corpus_root() -> Path:
 
 
 def _doc_hash(name: str) -> int:
-    return int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "big")
+    # surrogateescape: a file name that is not UTF-8 (os.walk escapes its bytes) hashes its bytes
+    return int.from_bytes(hashlib.sha256(name.encode("utf-8", "surrogateescape")).digest()[:8], "big")
 
 
 def _read_text(path: Path) -> str | None:
@@ -232,8 +233,18 @@ def load_corpus(
         if not candidates:
             raise ValueError(f"--data {path}: the directory contains no files (hidden files and "
                              "directories and __pycache__ are skipped)")
-        if len(candidates) < min_documents:  # one file: cut into documents, as that file alone would be
-            candidates = [(d.name, d) for name, handle in candidates
+        usable = []  # readable, non-blank candidates, until there are enough to split
+        for name, handle in candidates:
+            text = read(handle)
+            if text is not None and text.strip():
+                usable.append((name, handle))
+                if len(usable) >= min_documents:
+                    break
+        if not usable:
+            raise ValueError(f"--data {path}: every file in the directory is empty, binary or not UTF-8 "
+                             "(such files are skipped): no text to train on")
+        if len(usable) < min_documents:  # one text file: cut into documents, as that file alone would be
+            candidates = [(d.name, d) for name, handle in usable
                           for d in ([handle] if isinstance(handle, Document)
                                     else _txt_documents(read(handle) or "", name))]
         return _split(candidates, read, source=source, **kwargs)

@@ -85,14 +85,25 @@ def claim_run_dir(out: str | os.PathLike, new: bool) -> Iterator[Path]:
         raise ValueError(f"--out {path} exists and is not a directory; choose another --out")
     created = new and not path.exists()
     emptied = new and not created and not any(path.iterdir())  # an empty directory of the user's
+    # The missing parents this call creates too (``--out a/b/run`` with no ``a``): removed with it.
+    made = [d for d in (path, *path.parents) if not d.exists()] if created else []
     if new:
         path.mkdir(parents=True, exist_ok=True)
+
+    def remove_made() -> None:
+        shutil.rmtree(path, ignore_errors=True)
+        for parent in made[1:]:  # innermost first; only while still empty
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+
     lock = path / LOCK_FILE
     try:
         _acquire(lock, path)
     except BaseException:
         if created:
-            path.rmdir()
+            remove_made()
         raise
     try:
         yield path
@@ -100,7 +111,7 @@ def claim_run_dir(out: str | os.PathLike, new: bool) -> Iterator[Path]:
         if (created or emptied) and not (path / RUN_FILE).exists():  # what this call made goes
             lock.unlink(missing_ok=True)
             if created:
-                shutil.rmtree(path, ignore_errors=True)
+                remove_made()
             else:
                 for child in path.iterdir():
                     if child.is_dir():

@@ -148,3 +148,7 @@ def test_a_run_directory_in_use_is_refused_and_a_stale_lock_taken_over(tmp_path)
     with pytest.raises(KeyboardInterrupt), claim_run_dir(fresh, new=True):
         raise KeyboardInterrupt  # e.g. Ctrl-C while the corpus is prepared: nothing is left behind
     assert not fresh.exists()
+    nested = tmp_path / "a" / "b" / "run"  # parents it created go too; existing ones stay
+    with pytest.raises(ValueError), claim_run_dir(nested, new=True):
+        raise ValueError("the corpus is empty")
+    assert not (tmp_path / "a").exists() and tmp_path.is_dir()

@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 
@@ -128,3 +129,27 @@ def test_source_is_absolute(tmp_path, monkeypatch):
         (tmp_path / "d" / f"{i}.txt").write_text(f"text {i}\n")
     monkeypatch.chdir(tmp_path)
     assert load_corpus("d/").source == str(tmp_path / "d")
+
+
+@pytest.mark.parametrize("other", [b"\x00\x01\x02", b"", b"  \n", b"caf\xe9 au lait\n"])
+def test_one_text_file_beside_files_that_are_skipped_is_cut_like_a_lone_file(tmp_path, other):
+    text = "".join(f"line {i} of the only text file\n" for i in range(600))
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    (lone / "big.txt").write_text(text)
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "big.txt").write_text(text)
+    (mixed / "other").write_bytes(other)  # binary, empty, blank or not UTF-8: skipped
+    a, b = load_corpus(lone), load_corpus(mixed)
+    assert [d.text for d in a.train] == [d.text for d in b.train] and len(b.train) > 1
+    assert [d.text for d in a.validation] == [d.text for d in b.validation]
+
+
+def test_a_file_name_that_is_not_utf8_is_read(tmp_path):
+    for i in range(3):
+        (tmp_path / f"t{i}.txt").write_text(f"text number {i}\n")
+    with open(os.path.join(os.fsencode(tmp_path), b"caf\xe9.txt"), "wb") as f:
+        f.write(b"a file whose name is latin-1\n")
+    c = load_corpus(tmp_path, val_fraction=0.25)
+    assert c.num_documents == 4 and len(c.train) + len(c.validation) == 4
