@@ -243,6 +243,9 @@ def _check_checkpoint_config(path: Path, model_config: Any) -> None:
     state = read_json(path, "state.json")
     if not isinstance(state, dict):
         raise damaged(path, "state.json", TypeError(f"a JSON object expected, got {type(state).__name__}"))
+    missing = [key for key in ("step", "data", "rng") if key not in state]
+    if missing:
+        raise damaged(path, "state.json", ValueError(f"no {', '.join(missing)}"))
     saved = state.get("model_config")
     if saved is not None and saved != model_config.to_dict():
         diff = [k for k in saved if saved.get(k) != model_config.to_dict().get(k)]

@@ -101,6 +101,9 @@ def test_resume_errors(tmp_path, text_dir):
     state.write_text("{bad")
     with pytest.raises(ValueError, match=r"step_0000002 is damaged \(state.json: "):  # not json's own message
         train(tmp_path / "run", resume=True, train_changes={"max_steps": 4}, show_progress=False)
+    state.write_text('{"rng": {}}')  # valid JSON without its entries: no KeyError traceback
+    with pytest.raises(ValueError, match=r"is damaged \(state.json: no step, data\)"):
+        train(tmp_path / "run", resume=True, train_changes={"max_steps": 4}, show_progress=False)
 
 
 def test_resume_accepts_the_data_path_spelled_otherwise_and_a_torn_metrics_line(tmp_path, text_dir,
