@@ -94,6 +94,12 @@ def _sample_weight(sample_weight, n: int) -> np.ndarray | None:
     return w
 
 
+def _weighted_total(values: np.ndarray, weights: np.ndarray | None) -> float:
+    """``sum_i weights[i] * values[i]`` over the ``n`` samples of ``values`` (``(n,)`` or ``(n, 1)``);
+    a plain sum without weights."""
+    return float(values.sum() if weights is None else weights @ values.reshape(len(weights)))
+
+
 def _choice(name: str, value, allowed: tuple) -> None:
     if not isinstance(value, str) or value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
@@ -226,10 +232,6 @@ class _BaseMixtureOfExperts(BaseEstimator):
                              f"{', '.join(hard)} does not (trained on the samples it wins, unweighted)")
         w = None if weights is None else weights[:, None]
         mass = float(X.shape[0] if weights is None else weights.sum())
-
-        def total(log_lik_n1: np.ndarray) -> float:
-            return float(log_lik_n1.sum() if w is None else (w * log_lik_n1).sum())
-
         if warm is not None:
             # The fitted state (names ending in _: parameters, an estimator block's seeded
             # templates) into a block of today's settings.
@@ -246,7 +248,7 @@ class _BaseMixtureOfExperts(BaseEstimator):
         for n_iter in range(1, self.max_iter + 1):
             log_gates = self._log_gates(gates, Z1)
             log_lik = upward(log_gates, block.log_density(X, y, train=True))
-            ll = total(log_lik[0])
+            ll = _weighted_total(log_lik[0], weights)
             history.append(self._objective(block, gates, ll))
             ll_history.append(ll)
             if n_iter > 1 and abs(history[-1] - history[-2]) < self.tol * mass:
@@ -256,7 +258,7 @@ class _BaseMixtureOfExperts(BaseEstimator):
             alive = self._m_step(block, gates, X, y, Z1, posts, mass, log_gates)
         if not converged:  # final E-step: the returned parameters get their own log-likelihood
             log_lik = upward(self._log_gates(gates, Z1), block.log_density(X, y, train=True))
-            ll = total(log_lik[0])
+            ll = _weighted_total(log_lik[0], weights)
             history.append(self._objective(block, gates, ll))
             ll_history.append(ll)
         block.release()
@@ -400,8 +402,7 @@ class _BaseMixtureOfExperts(BaseEstimator):
             raise ValueError("aic/bic need a parameter count, which is undefined for these experts "
                              f"({type(self.experts_.estimators_[0]).__name__}); use experts with coef_ or "
                              "tree_ (linear models, trees) or the built-in experts")
-        ll_n = self._log_likelihood_samples(X, y)
-        ll = float(ll_n.sum() if weights is None else weights @ ll_n)
+        ll = _weighted_total(self._log_likelihood_samples(X, y), weights)
         return -2.0 * ll + penalty_per_param * self.n_parameters_
 
     def _check_X(self, X) -> np.ndarray:

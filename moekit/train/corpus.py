@@ -233,20 +233,19 @@ def load_corpus(
         if not candidates:
             raise ValueError(f"--data {path}: the directory contains no files (hidden files and "
                              "directories and __pycache__ are skipped)")
-        usable = []  # readable, non-blank candidates, until there are enough to split
+        usable = []  # (name, handle, text) of readable, non-blank candidates, until enough to split
         for name, handle in candidates:
             text = read(handle)
             if text is not None and text.strip():
-                usable.append((name, handle))
+                usable.append((name, handle, text))
                 if len(usable) >= min_documents:
                     break
         if not usable:
             raise ValueError(f"--data {path}: every file in the directory is empty, binary or not UTF-8 "
                              "(such files are skipped): no text to train on")
         if len(usable) < min_documents:  # one text file: cut into documents, as that file alone would be
-            candidates = [(d.name, d) for name, handle in usable
-                          for d in ([handle] if isinstance(handle, Document)
-                                    else _txt_documents(read(handle) or "", name))]
+            candidates = [(d.name, d) for name, handle, text in usable
+                          for d in ([handle] if isinstance(handle, Document) else _txt_documents(text, name))]
         return _split(candidates, read, source=source, **kwargs)
     if path.suffix == ".jsonl":
         docs = list(_jsonl_documents(path, path.name))
