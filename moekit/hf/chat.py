@@ -10,10 +10,8 @@ or a stop string, and appends it to the conversation. Interactive mode reads one
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, TextIO
 
 from moekit.hf.config_map import MODEL_TYPES
@@ -23,19 +21,12 @@ from moekit.hf.tokenizer import HFTokenizer, load_tokenizer
 from moekit.models import MoEForCausalLM
 
 
-def stop_token_ids(root: Path, model: MoEForCausalLM, tokenizer: HFTokenizer) -> list[int]:
+def stop_token_ids(model: MoEForCausalLM, tokenizer: HFTokenizer) -> list[int]:
     """Every end-of-sequence id the checkpoint names (config, generation_config.json, tokenizer)."""
-    ids: list[int] = []
-    for name in ("config.json", "generation_config.json"):
-        path = root / name
-        if path.is_file():
-            eos = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
-            ids.extend(eos if isinstance(eos, list) else [] if eos is None else [eos])
-    if model.config.eos_token_id is not None:
-        ids.append(model.config.eos_token_id)
-    if tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
-    return sorted({i for i in ids if isinstance(i, int) and 0 <= i < model.config.vocab_size})
+    from moekit.inference.generate import default_stop_ids
+
+    ids = [*default_stop_ids(model), tokenizer.eos_token_id]
+    return sorted({i for i in ids if i is not None and 0 <= i < model.config.vocab_size})
 
 
 class ContextFullError(ValueError):
@@ -203,7 +194,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(root)
     if args.chat:
         tokenizer.get_chat_template()  # no template: say so before the first prompt
-    stop_ids = stop_token_ids(root, model, tokenizer)
+    stop_ids = stop_token_ids(model, tokenizer)
     sampling = {
         "temperature": args.temperature,
         "top_k": args.top_k or None,

@@ -86,6 +86,18 @@ def read_config(root: Path) -> tuple[ModelConfig, str, dict[str, Any]]:
         raise ValueError(f"{root / name}: {e}") from None
 
 
+def read_generation_config(root: Path) -> dict[str, Any] | None:
+    """A checkpoint's generation defaults, as transformers reads them: ``generation_config.json`` when
+    there, else ``config.json``'s bos / eos / pad ids (an eos list kept whole); ``None`` for neither."""
+    if (root / "generation_config.json").is_file():
+        return read_json_object(root / "generation_config.json")
+    if detect_layout(root) != "hf":
+        return None
+    raw = read_json_object(root / "config.json")
+    ids = {k: raw[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if raw.get(k) is not None}
+    return ids or None
+
+
 _INIT_FUNCTIONS = ("normal_", "uniform_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_",
                    "xavier_uniform_", "xavier_normal_", "constant_", "zeros_", "ones_")
 
@@ -239,8 +251,10 @@ def from_pretrained(
         show_progress: a progress bar over the tensors read; ``None``: when stderr is a terminal.
 
     Returns:
-        ``MoEForCausalLM`` in eval mode; its ``.config`` is the mapped ``ModelConfig``. The tokenizer
-        comes from :func:`moekit.load_tokenizer` with the same ``path``.
+        ``MoEForCausalLM`` in eval mode; its ``.config`` is the mapped ``ModelConfig``, its
+        ``.generation_config`` the checkpoint's generation defaults (see :func:`read_generation_config`:
+        :func:`moekit.generate` stops on all their eos ids, ``save_pretrained`` writes them back). The
+        tokenizer comes from :func:`moekit.load_tokenizer` with the same ``path``.
 
     Raises:
         FileNotFoundError / CheckpointError / ValueError naming the file or tensor: missing files or
@@ -261,4 +275,5 @@ def from_pretrained(
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
     if leftover:
         raise CheckpointError(f"internal error: tensors left unloaded: {leftover[:5]}")
+    model.generation_config = read_generation_config(root)
     return model.eval()

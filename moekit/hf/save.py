@@ -114,6 +114,9 @@ def save_pretrained(
         dtype: cast floating tensors to this dtype while writing (default: keep).
         tokenizer: also write its ``tokenizer.json`` / ``tokenizer_config.json``.
 
+    ``generation_config.json`` holds ``model.generation_config`` (a loaded checkpoint's, eos list
+    and sampling defaults included) or else the config's bos / eos / pad ids.
+
     Returns:
         The directory.
     """
@@ -121,7 +124,8 @@ def save_pretrained(
     dtype = parse_dtype(dtype)
     state, out_dtype = _state(model, dtype)
     return _write_hf(model.config, _cast(state.items(), dtype), Path(save_directory), out_dtype,
-                     max_shard_size=max_shard_size, model_type=model_type, tokenizer=tokenizer)
+                     max_shard_size=max_shard_size, model_type=model_type, tokenizer=tokenizer,
+                     generation=model.generation_config)
 
 
 def _write_hf(
@@ -133,8 +137,10 @@ def _write_hf(
     max_shard_size: int | str,
     model_type: str | None,
     tokenizer: HFTokenizer | None,
+    generation: dict[str, Any] | None = None,
 ) -> Path:
-    """Write moekit-named tensors ``items`` (pulled one at a time) as an HF checkpoint of ``cfg``."""
+    """Write moekit-named tensors ``items`` (pulled one at a time) as an HF checkpoint of ``cfg``;
+    ``generation``: the generation defaults to write (else ``cfg``'s bos / eos / pad ids)."""
     hf_type = model_type or config_map.pick_model_type(cfg)
     hf_cfg = config_map.hf_from_config(cfg, hf_type, dtype=_TORCH_DTYPE_NAMES.get(out_dtype, "float32"))
     tensors = (pair for name, t in items
@@ -143,7 +149,8 @@ def _write_hf(
         tensors = _with_empty_shared_experts(tensors, cfg, out_dtype)
     write_sharded(tensors, out, max_shard_size=max_shard_size)
     atomic_write_text(out / "config.json", json.dumps(hf_cfg, indent=2) + "\n")
-    gen = {k: hf_cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hf_cfg[k] is not None}
+    gen = generation or {k: hf_cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+                         if hf_cfg[k] is not None}
     atomic_write_text(out / "generation_config.json", json.dumps(gen, indent=2) + "\n")
     _remove_other_layout(out, "hf")
     if tokenizer is not None:

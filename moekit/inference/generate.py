@@ -49,9 +49,15 @@ def compiled_decode_one_token() -> Callable:
     return _COMPILED["decode"]
 
 
-def default_stop_ids(config: ModelConfig) -> tuple[int, ...]:
-    """The stop tokens of :func:`generate` when none are given: ``config.eos_token_id`` if set."""
-    return () if config.eos_token_id is None else (config.eos_token_id,)
+def default_stop_ids(model: MoEForCausalLM) -> tuple[int, ...]:
+    """The stop tokens of :func:`generate` when none are given: ``config.eos_token_id`` and the eos
+    ids of ``model.generation_config`` (a loaded checkpoint's, e.g. Qwen3's two), those in the vocabulary."""
+    cfg = model.config
+    eos = (model.generation_config or {}).get("eos_token_id")
+    ids = [cfg.eos_token_id, *(eos if isinstance(eos, list) else [eos])]
+    return tuple(dict.fromkeys(
+        i for i in ids if isinstance(i, int) and not isinstance(i, bool) and 0 <= i < cfg.vocab_size
+    ))
 
 
 def _check_prompts(model: MoEForCausalLM, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int) -> None:
@@ -115,7 +121,7 @@ def generate(
         temperature, top_k, top_p, seed: see :class:`SamplingConfig`; ``temperature=0`` is greedy.
             Row ``b`` samples with seed ``seed + b``.
         stop_token_ids: a row stops when it produces one of these (not included in its output).
-            ``None`` uses ``config.eos_token_id`` when set.
+            ``None``: ``config.eos_token_id`` and a loaded checkpoint's generation eos ids.
         on_token: ``on_token(row, token_id)`` for every new kept token as it is produced
             (streaming); returning True stops that row (used for stop strings).
         compile: run the decode step through ``torch.compile`` (first call compiles).
@@ -127,7 +133,7 @@ def generate(
     _warn_if_routing_couples_tokens(model.config)
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     cfg = model.config
-    stops = set(default_stop_ids(cfg) if stop_token_ids is None else stop_token_ids)
+    stops = set(default_stop_ids(model) if stop_token_ids is None else stop_token_ids)
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
     B, lens = len(prompt_ids), [len(p) for p in prompt_ids]

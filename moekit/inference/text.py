@@ -119,7 +119,7 @@ def generate_text(
     extra = special_stop_ids(tokenizer, stop)
     if extra:
         given = kwargs.get("stop_token_ids")
-        kwargs["stop_token_ids"] = [*(default_stop_ids(model.config) if given is None else given), *extra]
+        kwargs["stop_token_ids"] = [*(default_stop_ids(model) if given is None else given), *extra]
     rows = [_RowText(tokenizer, stop, context=_prompt_context(tokenizer, ids)) for ids in prompt_ids]
 
     def on_token(row: int, token_id: int) -> bool:

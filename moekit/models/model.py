@@ -159,6 +159,9 @@ class MoEForCausalLM(nn.Module):
             raise TypeError(f"MoEForCausalLM expects a ModelConfig, got {type(config).__name__}")
         super().__init__()
         self.config = config
+        # A loaded checkpoint's generation defaults (generation_config.json; set by from_pretrained):
+        # generate() stops on all their eos ids, save_pretrained writes them back.
+        self.generation_config: dict[str, Any] | None = None
         self.model = MoEModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:

@@ -75,7 +75,7 @@ def test_interactive_multi_turn(ckpt):
     model, tok = from_pretrained(path), load_tokenizer(path)
     lines = iter(["What is a mixture of experts?", "", "/reset", "Hello", "Thank you", "/exit", "never"])
     out = io.StringIO()
-    messages = chat_loop(model, tok, stop_ids=stop_token_ids(path, model, tok), system="You are helpful.",
+    messages = chat_loop(model, tok, stop_ids=stop_token_ids(model, tok), system="You are helpful.",
                          read=lambda: next(lines), out=out, max_new_tokens=NEW, temperature=0.0)
     assert "(conversation cleared)" in out.getvalue()
     assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant"]
@@ -119,7 +119,7 @@ def test_interactive_chat_survives_a_full_context(ckpt):
     model, tok = from_pretrained(path), load_tokenizer(path)
     lines = iter(["Hi", "word " * 400, "Bye", "/exit"])  # the 2nd turn alone is over the 256-token context
     out = io.StringIO()
-    messages = chat_loop(model, tok, stop_ids=stop_token_ids(path, model, tok), read=lambda: next(lines),
+    messages = chat_loop(model, tok, stop_ids=stop_token_ids(model, tok), read=lambda: next(lines),
                          out=out, max_new_tokens=4, temperature=0.0)
     assert "the model's context is 256; /reset to start over" in out.getvalue()
     assert [m["content"] for m in messages if m["role"] == "user"] == ["Hi", "Bye"]
@@ -149,7 +149,7 @@ def test_ctrl_c_stops_one_interactive_reply(ckpt, shown_pieces):
         return next(lines)
 
     out = Out()
-    messages = chat_loop(model, tok, stop_ids=stop_token_ids(path, model, tok), read=read, out=out,
+    messages = chat_loop(model, tok, stop_ids=stop_token_ids(model, tok), read=read, out=out,
                          max_new_tokens=4, temperature=0.0)
     if shown_pieces == 0:  # nothing shown: the turn is dropped
         assert "(reply interrupted)" in out.getvalue()

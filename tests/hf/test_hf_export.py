@@ -134,7 +134,7 @@ def test_convert_carries_the_source_tokenizer_and_generation_defaults(tmp_path):
     generation = json.loads((tmp_path / "out" / "generation_config.json").read_text())
     assert generation["eos_token_id"] == [4, 3]
     model = from_pretrained(tmp_path / "out")
-    assert {3, 4} <= set(stop_token_ids(tmp_path / "out", model, tok))
+    assert {3, 4} <= set(stop_token_ids(model, tok))
 
 
 def test_saved_tokenizer_files_are_those_of_an_empty_directory(tmp_path):
@@ -158,3 +158,37 @@ def test_saved_tokenizer_files_are_those_of_an_empty_directory(tmp_path):
     eos = tok.special_tokens["eos_token"]
     assert peer.eos_token == load_tokenizer(tmp_path).special_tokens["eos_token"] == eos
     assert not any((tmp_path / name).exists() for name in ("special_tokens_map.json", "chat_template.jinja"))
+
+
+def test_generation_defaults_survive_load_generate_and_save(tmp_path):
+    """A checkpoint whose generation_config.json names two eos ids (as Qwen3's does): generate stops on
+    either, and save_pretrained writes the file back whole (transformers reads the same eos list)."""
+    from moekit.hf import save_pretrained
+    from moekit.inference import generate
+
+    from .builders import tiny_hf
+
+    tiny_hf("qwen3_moe").save_pretrained(tmp_path / "src")
+    model = from_pretrained(tmp_path / "src")
+    free = generate(model, [[1, 2, 3]], 12, stop_token_ids=())[0]
+    stop = free[4]
+    unused = next(i for i in range(1, 96) if i not in free)
+    defaults = {"eos_token_id": [unused, stop], "pad_token_id": 0, "do_sample": True, "temperature": 0.6}
+    (tmp_path / "src" / "generation_config.json").write_text(json.dumps(defaults))
+    model = from_pretrained(tmp_path / "src")
+    assert model.generation_config == defaults
+    assert generate(model, [[1, 2, 3]], 12)[0] == free[:free.index(stop)]
+    save_pretrained(model, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "generation_config.json").read_text()) == defaults
+    assert transformers.GenerationConfig.from_pretrained(tmp_path / "out").eos_token_id == [unused, stop]
+    assert from_pretrained(tmp_path / "out").generation_config == defaults
+
+    (tmp_path / "src" / "generation_config.json").unlink()  # then config.json's ids, an eos list kept
+    config = json.loads((tmp_path / "src" / "config.json").read_text())
+    (tmp_path / "src" / "config.json").write_text(json.dumps({**config, "eos_token_id": [stop, unused]}))
+    model = from_pretrained(tmp_path / "src")
+    assert model.config.eos_token_id == stop
+    assert model.generation_config == {"eos_token_id": [stop, unused], "pad_token_id": 0}
+    save_pretrained(model, tmp_path / "out")
+    written = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    assert written["eos_token_id"] == [stop, unused]
