@@ -248,10 +248,16 @@ class RoutingRecorder:
         self.raw: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
         self._token_ids: np.ndarray | None = None
         self._categories: np.ndarray | None = None
+        self._pending: set[str] = set()  # layers that have not yet seen the declared inputs
         self._handles: list[Any] = []
 
     def set_inputs(self, token_ids_BS: Any, categories_BS: Any | None = None) -> None:
-        """Declare the ``(B, S)`` token ids (and optional category ids, -1 = unknown) of the next forward."""
+        """Declare the ``(B, S)`` token ids (and optional category ids, -1 = unknown) of the next forward.
+
+        They apply to that forward only: each recorded layer uses them once, and a layer that sees
+        them twice means a new forward began without ``set_inputs`` (which then records no token
+        tables). ValueError in the forward when a layer's token count is not ``B * S``.
+        """
         ids = np.asarray(token_ids_BS.cpu() if isinstance(token_ids_BS, torch.Tensor) else token_ids_BS)
         if ids.ndim != 2:
             raise ValueError(f"token_ids_BS must be 2-D (B, S), got shape {ids.shape}")
@@ -263,12 +269,13 @@ class RoutingRecorder:
             if cats.size and cats.max() >= len(CATEGORIES):
                 raise ValueError(f"categories_BS values must be < {len(CATEGORIES)} (or -1 = unknown)")
         self._token_ids, self._categories = ids, cats
+        self._pending = {name for name, _ in self.layers}
 
     def start(self) -> RoutingRecorder:
         """Register the hooks (idempotent)."""
         if not self._handles:
             for name, module in self.layers:
-                self._handles.append(module.register_forward_hook(self._make_hook(name)))
+                self._handles.append(module.register_forward_hook(self._make_hook(name), with_kwargs=True))
         return self
 
     def stop(self) -> None:
@@ -284,12 +291,12 @@ class RoutingRecorder:
         self.stop()
 
     def _make_hook(self, name: str):
-        def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            self._observe(name, args, output)
+        def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+            self._observe(name, args[0] if args else kwargs.get("x"), output)
 
         return hook
 
-    def _observe(self, name: str, args: tuple, output: Any) -> None:
+    def _observe(self, name: str, x: Any, output: Any) -> None:
         info = getattr(output, "routing", None)
         if info is None and isinstance(output, tuple) and len(output) == 2:
             info = output[1]
@@ -306,14 +313,20 @@ class RoutingRecorder:
             kept = info.tokens_per_expert.detach().cpu().numpy()
             dropped = int(info.dropped.detach().cpu())
         T = ids.shape[0]
-        x = args[0] if args and isinstance(args[0], torch.Tensor) else None
         shape = (1, T)
         tok = cats = None
-        if self._token_ids is not None and self._token_ids.size == T:
+        if name not in self._pending:  # a forward without set_inputs: the declared ones are spent
+            self._pending.clear()
+            self._token_ids = self._categories = None
+        if self._token_ids is not None:
+            self._pending.discard(name)
+            if self._token_ids.size != T:
+                raise ValueError(f"MoE layer {name} routed {T} tokens, but set_inputs declared "
+                                 f"{self._token_ids.shape} = {self._token_ids.size}")
             shape = self._token_ids.shape
             tok = self._token_ids.reshape(-1)
             cats = None if self._categories is None else self._categories.reshape(-1)
-        elif x is not None and x.dim() >= 3 and x.shape[:-1].numel() == T:
+        elif isinstance(x, torch.Tensor) and x.dim() >= 3 and x.shape[:-1].numel() == T:
             shape = (int(x.shape[:-2].numel()), int(x.shape[-2]))
         rec = self.records.get(name)
         if rec is None:

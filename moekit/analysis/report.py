@@ -155,6 +155,10 @@ def _overall_rows(a: Analysis) -> list[tuple[str, str]]:
     return rows
 
 
+_PLOT_NAMES = {f"{name}.png" for name in
+               ("layer_summary", "load", "coselection", "consecutive", "categories", "training")}
+
+
 def write_report(a: Analysis, out_dir: str | os.PathLike) -> Path:
     """Write ``report.html``, ``plots/*.png`` and ``metrics.json`` into ``out_dir``; returns the HTML path."""
     out = Path(out_dir)
@@ -179,6 +183,8 @@ def write_report(a: Analysis, out_dir: str | os.PathLike) -> Path:
         training = plots.plot_training_curves(a.training_curves, pdir / "training.png")
         if training is not None:
             files["training"] = training
+    for stale in _PLOT_NAMES - {p.name for p in files.values()}:  # an earlier report's, not this one's
+        (pdir / stale).unlink(missing_ok=True)
     img = {k: _data_uri(p) for k, p in files.items()}
     img.setdefault("training", "")
     img.setdefault("categories", "")

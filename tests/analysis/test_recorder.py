@@ -8,8 +8,10 @@ import pytest
 import torch
 from torch import nn
 
+import moekit
 from moekit.analysis import metrics as M
 from moekit.analysis.recorder import LayerRecord, RoutingRecorder, layer_index, layer_label
+from moekit.core.config import MoEConfig
 
 
 def run(model, batches, **kw):
@@ -134,6 +136,33 @@ def test_without_set_inputs_uses_the_moe_input_shape(make_toy):
         model(torch.randint(0, 50, (2, 7)))
     r = rec.records["layers.0.mlp"]
     assert r.consecutive[0] == 12 and r.token_expert.shape[1] == 0
+
+
+def test_declared_inputs_hold_for_one_forward_only(make_toy):
+    """A forward after the declared one, without set_inputs, records no token tables and takes its
+    (B, S) from its own input, even when B * S matches; a declared count that does not match raises."""
+    model = make_toy()
+    with RoutingRecorder(model) as rec:
+        rec.set_inputs(torch.full((2, 8), 7))
+        model(torch.full((2, 8), 7))
+        model(torch.full((4, 4), 9))
+    r = rec.records["layers.0.mlp"]
+    assert r.token_counts[7] == 16 and r.token_counts.sum() == 16
+    assert r.consecutive[0] == 2 * 7 + 4 * 3
+    with RoutingRecorder(model) as rec, pytest.raises(ValueError, match=r"routed 12 tokens.*\(2, 8\)"):
+        rec.set_inputs(torch.zeros(2, 8, dtype=torch.long))
+        model(torch.zeros(3, 4, dtype=torch.long))
+
+
+def test_a_keyword_call_keeps_the_sequence_structure():
+    moe = moekit.MoE(MoEConfig(hidden_size=16, intermediate_size=32, num_experts=4, top_k=2))
+    x = torch.randn(4, 8, 16)
+    pairs = []
+    for call in (lambda: moe(x), lambda: moe(x=x)):
+        with RoutingRecorder(moe) as rec:
+            call()
+        pairs.append(rec.records[""].consecutive[0])
+    assert pairs == [4 * 7, 4 * 7]
 
 
 def test_expert_choice_routing_is_recorded(make_toy):

@@ -143,7 +143,12 @@ def test_report_without_python_or_training_says_so(make_toy, bpe, tmp_path):
     windows = encode_windows(tok, [prose], seq_len=16, max_tokens=400)
     analysis = analyze_model(make_toy(vocab=tok.get_vocab_size()), tok, windows, layers=[2])
     assert analysis.detail_layers == ["layers.2.mlp"] and not analysis.categories
+    (tmp_path / "plots").mkdir()  # an earlier report's plots this one has not, beside a user's file
+    for name in ("categories.png", "training.png", "mine.png"):
+        (tmp_path / "plots" / name).write_bytes(PNG_MAGIC)
     parser = check_report(write_report(analysis, tmp_path))
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
+        "consecutive.png", "coselection.png", "layer_summary.png", "load.png", "mine.png"]
     text = "".join(parser.text)
     assert "No Python code" in text and "No training metrics" in text
     summary = text_summary(analysis)
