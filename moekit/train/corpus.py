@@ -166,7 +166,9 @@ def _split(
             part.append(Document(name, text))
             used += len(text)
         start = max(index, n_val)  # documents a full validation budget passed over stay out of training
-    if not corpus.train or (not corpus.validation and min_documents > 1):
+    # min_documents=1 (analysis reads both splits together): one non-empty split is enough
+    filled = (bool(corpus.train), bool(corpus.validation))
+    if not (any(filled) if min_documents == 1 else all(filled)):
         raise ValueError(f"corpus {source} is empty: no non-blank text in its train or validation split")
     return corpus
 
@@ -192,7 +194,7 @@ def load_corpus(
         max_train_chars / max_val_chars: character budgets (``None`` = everything); the last
             document taken is truncated to fit.
         min_documents: 2 for training (one per split at least); 1 for a corpus that is not split
-            (routing analysis), whose one document is then in ``train``.
+            (routing analysis): its documents may then lie in either split.
 
     Raises:
         ValueError: a missing path, no text, fewer than 2 documents, or bad ``.jsonl`` records.

@@ -93,6 +93,23 @@ def test_one_document_is_enough_to_analyse(tiny_run, tmp_path):
         assert load_texts(data, {}, max_chars=10**6)[0] == [TEXT]
 
 
+@pytest.mark.parametrize("extra", ["__init__.py", "logo.png", "notes.txt"])
+def test_a_folder_with_skipped_files_is_analysed_whole(tmp_path, extra):
+    """An empty, binary or non-UTF-8 file beside the text files (a package folder): every readable file
+    is analysed, whichever split the skipped one's hash would have filled (was 'corpus is empty')."""
+    from moekit.analysis.analyze import load_texts
+
+    data = tmp_path / "proj"
+    data.mkdir()
+    texts = [TEXT, TEXT.replace("def", "async def")]
+    for name, text in zip(("cli.py", "moe.py"), texts):
+        (data / name).write_text(text)
+    content = {"__init__.py": b"", "logo.png": bytes(range(256)) * 4,
+               "notes.txt": "caf\xe9".encode("latin-1")}
+    (data / extra).write_bytes(content[extra])
+    assert sorted(load_texts(data, {}, max_chars=10**6)[0]) == sorted(texts)
+
+
 def test_a_data_file_that_is_not_utf8_is_refused_as_train_refuses_it(tmp_path):
     from moekit.analysis.analyze import load_texts
 
