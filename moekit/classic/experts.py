@@ -39,7 +39,7 @@ def _with_intercept(X: np.ndarray) -> np.ndarray:
 
 
 class LinearGaussianExperts:
-    """K experts ``y ~ N(x @ coef_[k] + intercept_[k], noise_variance_[k])``.
+    """K experts ``y ~ N(x @ coef_[k] + intercept_[k], sigma2_[k])``.
 
     The M-step solves all K weighted (ridge) least-squares problems at once: one matrix product
     builds the K Gram matrices ``(K, p+1, p+1)`` and one batched ``np.linalg.solve`` returns the

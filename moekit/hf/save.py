@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tokenizers import Tokenizer
 
 from moekit.hf import config_map, keymap
 from moekit.hf.checkpoint import atomic_write_text, write_sharded
@@ -68,6 +69,18 @@ def _remove_other_layout(out: Path, layout: str) -> bool:
     return bool(stale)
 
 
+def _hf_tokenizer(tokenizer: Any, cfg: Any) -> HFTokenizer:
+    """``tokenizer`` as an ``HFTokenizer``: a plain ``tokenizers.Tokenizer`` (what ``load_run`` gives)
+    gets ``cfg``'s eos token as its ``eos_token``. TypeError for anything else, before a file is written."""
+    if isinstance(tokenizer, HFTokenizer):
+        return tokenizer
+    if isinstance(tokenizer, Tokenizer):
+        eos = None if cfg.eos_token_id is None else tokenizer.id_to_token(cfg.eos_token_id)
+        return HFTokenizer(tokenizer, special_tokens={} if eos is None else {"eos_token": eos})
+    raise TypeError("tokenizer must be a moekit.HFTokenizer or a tokenizers.Tokenizer, "
+                    f"got {type(tokenizer).__name__} (nothing was written)")
+
+
 def save_tokenizer(tokenizer: HFTokenizer, save_directory: str | Path) -> None:
     """Write ``tokenizer.json`` and ``tokenizer_config.json`` (special tokens, chat template).
 
@@ -100,7 +113,7 @@ def save_pretrained(
     max_shard_size: int | str = "5GB",
     model_type: str | None = None,
     dtype: torch.dtype | str | None = None,
-    tokenizer: HFTokenizer | None = None,
+    tokenizer: HFTokenizer | Tokenizer | None = None,
 ) -> Path:
     """Write ``model`` as a Hugging Face checkpoint directory that transformers loads as is.
 
@@ -112,7 +125,8 @@ def save_pretrained(
         model_type: ``"mixtral"``, ``"qwen2_moe"``, ``"qwen3_moe"`` or ``"olmoe"``; ``None`` picks the
             one whose math matches the config (ValueError when none does, e.g. an expert-choice router).
         dtype: cast floating tensors to this dtype while writing (default: keep).
-        tokenizer: also write its ``tokenizer.json`` / ``tokenizer_config.json``.
+        tokenizer: also write its ``tokenizer.json`` / ``tokenizer_config.json``: a
+            ``moekit.HFTokenizer`` or a ``tokenizers.Tokenizer`` (its eos token: the config's).
 
     ``generation_config.json`` holds ``model.generation_config`` (a loaded checkpoint's, eos list
     and sampling defaults included) or else the config's bos / eos / pad ids.
@@ -122,6 +136,8 @@ def save_pretrained(
     """
     model = _check_model(model)
     dtype = parse_dtype(dtype)
+    if tokenizer is not None:
+        tokenizer = _hf_tokenizer(tokenizer, model.config)
     state, out_dtype = _state(model, dtype)
     return _write_hf(model.config, _cast(state.items(), dtype), Path(save_directory), out_dtype,
                      max_shard_size=max_shard_size, model_type=model_type, tokenizer=tokenizer,
@@ -246,9 +262,7 @@ def convert(
         from moekit.train import load_run
 
         model, tok, _ = load_run(src_dir)
-        eos = model.config.eos_token_id
-        special = {} if eos is None else {"eos_token": tok.id_to_token(eos)}
-        tokenizer = HFTokenizer(tok, special_tokens=special)
+        tokenizer = _hf_tokenizer(tok, model.config)
         cast = parse_dtype(dtype)
         state, out_dtype = _state(model, cast)
         cfg, items = model.config, _cast(state.items(), cast)

@@ -192,3 +192,22 @@ def test_generation_defaults_survive_load_generate_and_save(tmp_path):
     save_pretrained(model, tmp_path / "out")
     written = json.loads((tmp_path / "out" / "generation_config.json").read_text())
     assert written["eos_token_id"] == [stop, unused]
+
+
+def test_save_pretrained_takes_a_plain_tokenizer_and_refuses_others_before_writing(tmp_path):
+    """The tokenizers.Tokenizer of load_run works as is (eos from the config); another type raises
+    before the directory is touched."""
+    from moekit.hf import load_tokenizer, save_pretrained
+
+    from .builders import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    eos = tok.token_to_id("<|im_end|>")
+    model = MoEForCausalLM(ModelConfig(**{**BASE, "vocab_size": tok.get_vocab_size(), "eos_token_id": eos}))
+    save_pretrained(model, tmp_path / "out", tokenizer=tok)
+    assert load_tokenizer(tmp_path / "out").eos_token_id == eos
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "out").eos_token == "<|im_end|>"
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    with pytest.raises(TypeError, match="HFTokenizer or a tokenizers.Tokenizer, got str"):
+        model.save_pretrained(tmp_path / "out", tokenizer="tokenizer.json", dtype="bfloat16")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
