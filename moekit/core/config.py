@@ -104,7 +104,7 @@ class MoEConfig:
             raise ValueError(f"MoEConfig.activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 1:
             raise ValueError(f"MoEConfig.top_k must be an int >= 1, got {self.top_k!r}")
-        if self.top_k > self.num_experts:
+        if self.top_k > self.num_experts and self.router != "expert_choice":  # (it ignores top_k)
             raise ValueError(
                 f"MoEConfig.top_k must be <= num_experts ({self.num_experts}), got {self.top_k}"
             )

@@ -92,6 +92,8 @@ class MoE(nn.Module):
         num_tokens = x_TD.shape[0]
         # A collective (expert-parallel) dispatcher must join its peers' exchange even with no tokens.
         if num_tokens == 0 and not getattr(self.dispatcher, "collective", False):
+            if self.balance_stats is not None and self.training:  # its all-reduce: join the peers'
+                self.balance_stats.add(torch.zeros(config.num_experts, device=x.device))
             # Empty, but still on the autograd graph, so a backward over an empty batch works.
             return MoEOutput(x * 0, self._empty_info(x))
 

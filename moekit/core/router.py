@@ -180,17 +180,19 @@ class SigmoidBiasRouter(Router):
         self.gamma = config.bias_update_rate
         self.n_group, self.topk_group = config.n_group, config.topk_group
         self.register_buffer("e_score_correction_bias", torch.zeros(config.num_experts))
-        self.register_buffer("load_counts", torch.zeros(config.num_experts), persistent=False)
+        # (E,) slots chosen in training forwards since update_bias: a plain attribute, not a buffer,
+        # so DistributedDataParallel (which copies rank 0's buffers before each forward) leaves each
+        # rank's own count alone until update_bias all-reduces them.
+        self.load_counts: Tensor | None = None
 
     def _apply(self, fn, recurse=True):
-        # Model-wide dtype casts (``.to(torch.bfloat16)``) must not round the bias and the counts:
-        # increments of ``gamma`` ~ 1e-3 vanish in bf16. Keep them float32, follow only the device.
-        keep = {name: getattr(self, name) for name in ("e_score_correction_bias", "load_counts")}
+        # Model-wide dtype casts (``.to(torch.bfloat16)``) must not round the bias: increments of
+        # ``gamma`` ~ 1e-3 vanish in bf16. Keep it float32, follow only the device.
+        before = self.e_score_correction_bias
         super()._apply(fn, recurse)
-        for name, before in keep.items():
-            after = getattr(self, name)
-            source = after if before.is_meta else before  # to_empty() from meta: take the new storage
-            setattr(self, name, source.to(device=after.device, dtype=torch.float32))
+        after = self.e_score_correction_bias
+        source = after if before.is_meta else before  # to_empty() from meta: take the new storage
+        self.e_score_correction_bias = source.to(device=after.device, dtype=torch.float32)
         return self
 
     def forward(self, x_TD: Tensor) -> RouterOutput:
@@ -209,18 +211,21 @@ class SigmoidBiasRouter(Router):
             weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
         if self.training:
             with torch.no_grad():
-                self.load_counts += torch.bincount(ids_TK.flatten(), minlength=self.num_experts).float()
+                load_E = torch.bincount(ids_TK.flatten(), minlength=self.num_experts).float()
+                counts = self.load_counts
+                self.load_counts = load_E if counts is None else counts.to(load_E) + load_E
         probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)
         return RouterOutput(weights_TK, ids_TK, logits_TE, probs_TE)
 
     @torch.no_grad()
     def update_bias(self) -> Tensor:
         """Apply ``bias += gamma * sign(mean_load - load)`` and reset the counts; returns the load used."""
-        load_E = self.load_counts.clone()
+        bias = self.e_score_correction_bias
+        load_E = torch.zeros_like(bias) if self.load_counts is None else self.load_counts.to(bias)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(load_E)
-        self.e_score_correction_bias += self.gamma * torch.sign(load_E.mean() - load_E)
-        self.load_counts.zero_()
+        bias += self.gamma * torch.sign(load_E.mean() - load_E)
+        self.load_counts = None
         return load_E
 
 

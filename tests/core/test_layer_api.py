@@ -152,6 +152,13 @@ def test_config_errors_name_the_field(overrides, field):
         small(**overrides)
 
 
+def test_expert_choice_ignores_top_k():
+    """top_k (default 2) is not checked against num_experts for expert_choice, which does not use it."""
+    moe = MoE(MoEConfig(hidden_size=4, intermediate_size=4, num_experts=1, router="expert_choice"))
+    y, info = moe(torch.randn(5, 4))
+    assert y.shape == (5, 4) and info.tokens_per_expert.tolist() == [5]
+
+
 def test_plain_mlp_state_dict_names_and_shapes():
     moe = small(activation="gelu", shared_expert_intermediate_size=5)
     shapes = {k: tuple(v.shape) for k, v in moe.state_dict().items()}

@@ -159,6 +159,40 @@ def _check_zero_tokens(cfg: MoEConfig, pg: G.ParallelGroups) -> None:
         assert_close(y, y_ref.detach(), **TOL)
 
 
+def check_data_parallel_router_state() -> None:
+    """Plain data parallelism (no EP): a rank with an empty micro-batch still joins BalanceStats'
+    all-reduce, and under DistributedDataParallel (which copies rank 0's buffers before each forward)
+    update_bias uses the global load of every micro-batch since the last call."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from moekit.core import BalanceStats
+
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(hidden_size=4, intermediate_size=4, num_experts=2, top_k=1)).train()
+    moe.balance_stats = BalanceStats(2)
+    moe(torch.randn(6 if rank == 0 else 0, 4))
+    assert moe.balance_stats.counts_E.sum() == 6
+    moe(torch.randn(6, 4))
+    assert moe.balance_stats.counts_E.sum() == 18
+
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(hidden_size=8, intermediate_size=8, num_experts=4, top_k=1, router="sigmoid_bias"))
+    ddp = DistributedDataParallel(moe)
+    gen = torch.Generator().manual_seed(100 + rank)
+    centre = torch.randn(8, generator=torch.Generator().manual_seed(7 + rank)) * 3  # ranks differ
+    mine = torch.zeros(4)
+    for _ in range(3):  # gradient accumulation: three forwards per optimizer step
+        y, info = ddp(torch.randn(10, 8, generator=gen) * 0.1 + centre)
+        mine += torch.bincount(info.expert_ids.flatten(), minlength=4).float()
+        (y.square().mean() + info.aux_loss).backward()
+    dist.all_reduce(mine)
+    before = moe.gate.e_score_correction_bias.clone()
+    assert moe.update_bias().tolist() == mine.tolist()
+    step = moe.config.bias_update_rate * torch.sign(mine.mean() - mine)
+    assert_close(moe.gate.e_score_correction_bias - before, step)
+
+
 def check_expert_choice(pg: G.ParallelGroups) -> None:
     """expert_choice picks among each rank's own tokens: the EP layer equals one process applied to
     this rank's batch (output, input gradient), while the experts are still sharded."""

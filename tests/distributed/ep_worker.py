@@ -41,6 +41,7 @@ def main() -> None:
         ("layer_errors", lambda: layer_checks.check_errors(pg)),
         ("zero_tokens", lambda: layer_checks.check_zero_tokens(pg)),
         ("expert_choice", lambda: layer_checks.check_expert_choice(pg)),
+        ("data_parallel_router_state", layer_checks.check_data_parallel_router_state),
         ("checkpoint", lambda: layer_checks.check_checkpoint(pg, tmp)),
         ("train", lambda: train_checks.check_train(tmp, data)),
         ("resume", lambda: train_checks.check_resume_across_sizes(tmp)),

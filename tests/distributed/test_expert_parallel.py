@@ -90,6 +90,10 @@ def test_rank_without_tokens_joins_the_exchange(run):
     passed(run, "zero_tokens")
 
 
+def test_router_state_under_plain_data_parallelism_and_ddp(run):
+    passed(run, "data_parallel_router_state")
+
+
 def test_expert_choice_routes_within_each_rank(run):
     passed(run, "expert_choice")
 
